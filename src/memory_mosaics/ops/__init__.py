@@ -1,0 +1,23 @@
+"""Pure tensor functions: the leaky average and memory retrieval, each fast form beside its plain twin."""
+
+from memory_mosaics.ops.leaky_average import (
+    leaky_average,
+    leaky_average_reference,
+    leaky_average_step,
+)
+from memory_mosaics.ops.retrieval import (
+    context_retrieval,
+    context_retrieval_reference,
+    persistent_retrieval,
+    persistent_retrieval_reference,
+)
+
+__all__ = [
+    "context_retrieval",
+    "context_retrieval_reference",
+    "leaky_average",
+    "leaky_average_reference",
+    "leaky_average_step",
+    "persistent_retrieval",
+    "persistent_retrieval_reference",
+]
