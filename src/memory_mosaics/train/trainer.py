@@ -1,0 +1,464 @@
+"""The training loop: windows -> micro-batches -> AdamW step, with evaluation, logging and checkpoints.
+
+`train(...)` checks everything it can (data, configs, output folder) before it writes a byte, so
+bad input leaves nothing behind. A run folder then holds:
+
+    metrics.jsonl       one JSON object per logged step: {"kind": "train", "step", "loss", "lr", ...}
+                        and one per evaluation: {"kind": "val", "step", "val_loss", "val_perplexity"}
+    loss.png            training and validation loss against step
+    run_config.json     the resolved training and model configs, and the data folder
+    checkpoint/         the latest checkpoint (see checkpoint.py)
+
+Resuming restores weights, AdamW moments, generator states and the sampler's step, so a run stopped
+with `stop_at` and resumed lands on the same losses as one that never stopped (bitwise on CPU float32).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from memory_mosaics.errors import CheckpointError, ConfigError, MosaicError
+from memory_mosaics.train import checkpoint as ckpt
+from memory_mosaics.train import distributed as distrib
+from memory_mosaics.train.config import TrainConfig, build_dataclass
+from memory_mosaics.train.optim import lr_at, make_optimizer, set_lr
+from memory_mosaics.train.sampler import WindowSampler, check_length, eval_batches
+
+# Settings that may change when a run is resumed: they do not change what is computed
+# (max_steps does, and is allowed on purpose, to extend a finished run).
+RESUMABLE_CHANGES = {
+    "max_steps",
+    "eval_interval",
+    "eval_batches",
+    "log_interval",
+    "ckpt_interval",
+    "compile",
+    "device",
+}
+
+
+def model_classes(model_type: str):
+    from memory_mosaics import GPT, GPTConfig, MemoryMosaic, MemoryMosaicConfig
+
+    return {"mosaic": (MemoryMosaic, MemoryMosaicConfig), "gpt": (GPT, GPTConfig)}[model_type]
+
+
+def autocast_context(device: torch.device, dtype: str):
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=getattr(torch, dtype))
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model under DDP and torch.compile wrappers (what gets saved and evaluated)."""
+    while True:
+        if isinstance(model, DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    finished: bool  # reached max_steps (False when stopped by stop_at)
+    last_loss: float | None = None
+    last_val_loss: float | None = None
+    tokens_per_s: float | None = None
+    history: list[dict] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checks done before anything is written
+
+
+def check_new_run_dir(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise MosaicError(f"--out {out} exists and is not a folder; choose another --out")
+    if out.is_dir() and any(out.iterdir()):
+        what = (
+            "a training run" if (out / "metrics.jsonl").exists() or (out / ckpt.LATEST).exists() else "files"
+        )
+        raise MosaicError(
+            f"--out {out} already holds {what}; pass --resume to continue it, or choose another --out "
+            "(nothing was overwritten)"
+        )
+    for parent in [out, *out.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                raise MosaicError(f"cannot create --out {out}: {parent} is a file, not a folder")
+            break
+
+
+def make_run_dir(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("ok", encoding="utf-8")
+        probe.unlink()
+    except OSError as err:
+        raise MosaicError(f"cannot write to --out {out}: {err.strerror or err}") from None
+
+
+def build_model_config(model_type: str, settings: dict[str, Any], data_vocab: int):
+    """The model config from preset/flag settings; vocab_size defaults to the data's vocabulary."""
+    _, config_cls = model_classes(model_type)
+    values = dict(settings)
+    values.setdefault("vocab_size", data_vocab)
+    config = build_dataclass(config_cls, values, source=f"{model_type} model config")
+    if config.vocab_size < data_vocab:
+        raise ConfigError(
+            f"the data's tokenizer has {data_vocab} tokens but the model's vocab_size is "
+            f"{config.vocab_size}; "
+            "drop --vocab-size (it defaults to the data's) or prepare the data with a smaller tokenizer"
+        )
+    return config
+
+
+def check_seq_len(seq_len: int, block_size: int) -> None:
+    if seq_len > block_size:
+        raise ConfigError(
+            f"seq_len {seq_len} is larger than the model's block_size {block_size}; "
+            "use --seq-len <= block_size or a model with a larger --block-size"
+        )
+
+
+def check_resume_settings(
+    saved: TrainConfig, wanted: TrainConfig, model_settings: dict, model_config
+) -> None:
+    """A resumed run computes what the original run would have; refuse settings that would differ."""
+    saved_d, wanted_d = saved.to_dict(), wanted.to_dict()
+    for key, value in wanted_d.items():
+        if key not in RESUMABLE_CHANGES and saved_d[key] != value:
+            raise ConfigError(
+                f"--resume: {key} is {value!r} but the run was started with {saved_d[key]!r}; "
+                "resume with the original settings or start a new run with another --out"
+            )
+    current = model_config.to_dict()
+    for key, value in model_settings.items():
+        if key in current and current[key] != value:
+            raise ConfigError(
+                f"--resume: model {key} is {value!r} but the checkpoint's model has {current[key]!r}; "
+                "resume with the original settings or start a new run with another --out"
+            )
+
+
+# ---------------------------------------------------------------------------------------------------
+# The loop
+
+
+class Trainer:
+    """One training run on one process (of possibly several under torchrun)."""
+
+    def __init__(
+        self,
+        data_dir: str | Path,
+        out: str | Path,
+        config: TrainConfig,
+        model_settings: dict[str, Any] | None = None,
+        resume: bool = False,
+        stop_at: int | None = None,
+        progress: bool = True,
+    ):
+        from memory_mosaics.data import PreparedData
+
+        self.config, self.out, self.progress = config, Path(out), progress
+        self.model_settings = dict(model_settings or {})
+        self.ctx, self.device = distrib.setup(config.device)
+        self.data = PreparedData.open(data_dir)
+        self.data_dir = str(data_dir)
+        self.train_tokens, self.val_tokens = self.data.split("train"), self.data.split("val")
+        self.resume_from = self._prepare_resume() if resume else None
+        if self.resume_from is None:
+            check_new_run_dir(self.out)
+            self.model_config = build_model_config(config.model, self.model_settings, self.data.vocab_size)
+        self.seq_len = config.seq_len or self.model_config.block_size
+        check_seq_len(self.seq_len, self.model_config.block_size)
+        check_length(self.train_tokens, self.seq_len, f"the training split of {data_dir}")
+        check_length(self.val_tokens, self.seq_len, f"the validation split of {data_dir}")
+        self.accum = config.accumulation(self.ctx.world_size)
+        if stop_at is not None and stop_at <= 0:
+            raise ConfigError(f"--stop-at must be > 0, got {stop_at}")
+        self.stop_at = stop_at
+        self._build()
+
+    def _prepare_resume(self) -> Path:
+        folder = ckpt.find_resumable(self.out)
+        state = ckpt.read_trainer_state(folder)
+        try:
+            saved = TrainConfig.from_dict(state["train_config"])
+        except (KeyError, ConfigError) as err:
+            raise CheckpointError(f"{folder / ckpt.STATE_FILE} has no valid train_config ({err})") from None
+        self.model_config = ckpt.load_model(folder).config
+        check_resume_settings(saved, self.config, self.model_settings, self.model_config)
+        saved_fp = state.get("data", {}).get("tokenizer_fingerprint")
+        if saved_fp != self.data.tokenizer.fingerprint():
+            raise MosaicError(
+                f"--data {self.data_dir} was tokenized with {self.data.tokenizer.name} "
+                f"({self.data.tokenizer.fingerprint()[:12]}) but the run was trained on data with tokenizer "
+                f"{str(saved_fp)[:12]}; resume with the original --data"
+            )
+        self.saved_state = state
+        return folder
+
+    def _build(self) -> None:
+        cfg = self.config
+        torch.manual_seed(cfg.seed)  # same initial weights on every process
+        model_cls, _ = model_classes(cfg.model)
+        if self.resume_from is not None:
+            self.model = ckpt.load_model(self.resume_from, self.device)
+        else:
+            self.model = model_cls(self.model_config).to(self.device)
+        self.optimizer = make_optimizer(self.model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.dtype == "float16")
+        self.sampler = WindowSampler(
+            self.train_tokens, self.seq_len, cfg.batch_size, self.accum,
+            self.ctx.world_size, self.ctx.rank, cfg.seed,
+        )  # fmt: skip
+        self.step, self.tokens_seen, self.elapsed = 0, 0, 0.0
+        torch.manual_seed(cfg.seed + 1 + self.ctx.rank)  # dropout differs between processes
+        if self.resume_from is not None:
+            self._restore(self.saved_state)
+        self.train_model: nn.Module = self.model
+        if cfg.compile:
+            self.train_model = torch.compile(self.model)
+        if self.ctx.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_model = DistributedDataParallel(self.train_model, device_ids=ids)
+
+    def _restore(self, state: dict) -> None:
+        ckpt.restore_optimizer(self.resume_from, self.optimizer, state)
+        ckpt.restore_rng(self.resume_from, self.ctx.rank, self.device)
+        self.sampler.load_state_dict(state["sampler"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
+        self.elapsed = float(state.get("elapsed_s", 0.0))
+        if self.stop_at is not None and self.stop_at <= self.step:
+            raise ConfigError(f"--stop-at {self.stop_at} is not after the checkpoint's step {self.step}")
+
+    # -- one optimizer step ---------------------------------------------------------------------------
+
+    def train_step(
+        self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Accumulate gradients over fresh micro-batches, clip, and step; returns (mean loss, grad norm)."""
+        cfg = self.config
+        set_lr(self.optimizer, lr_at(self.step, cfg.lr, cfg.final_lr, cfg.warmup_steps, cfg.decay_steps))
+        total = torch.zeros((), device=self.device)
+        for m, (x, y) in enumerate(micro_batches):
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            last = m == len(micro_batches) - 1
+            sync = contextlib.nullcontext() if last or not self.ctx.enabled else self.train_model.no_sync()
+            with sync:
+                with autocast_context(self.device, cfg.dtype):
+                    _, loss = self.train_model(x, y)
+                self.scaler.scale(loss / len(micro_batches)).backward()
+            total += loss.detach().float()
+        grad_norm = None
+        if cfg.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total / len(micro_batches), grad_norm
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss over the fixed validation windows, averaged over all processes."""
+        cfg = self.config
+        was_training = self.model.training
+        self.model.eval()
+        total, count = 0.0, 0
+        for x, y in eval_batches(
+            self.val_tokens, self.seq_len, cfg.batch_size, cfg.eval_batches, cfg.seed,
+            self.ctx.rank, self.ctx.world_size,
+        ):  # fmt: skip
+            with autocast_context(self.device, cfg.dtype):
+                _, loss = self.model(x.to(self.device), y.to(self.device))
+            total, count = total + float(loss), count + 1
+        self.model.train(was_training)
+        total, count = distrib.all_reduce_sum(self.ctx, [total, count], self.device)
+        return total / count
+
+    # -- bookkeeping ----------------------------------------------------------------------------------
+
+    def trainer_state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "elapsed_s": self.elapsed,
+            "train_config": self.config.to_dict(),
+            "sampler": self.sampler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
+            "world_size": self.ctx.world_size,
+            "data": {
+                "path": self.data_dir,
+                "tokenizer": self.data.tokenizer.name,
+                "tokenizer_fingerprint": self.data.tokenizer.fingerprint(),
+                "train_tokens": len(self.train_tokens),
+            },
+        }
+
+    def save(self) -> None:
+        rng_states = distrib.all_gather_objects(self.ctx, ckpt.rng_state(self.device))
+        if self.ctx.is_main:
+            ckpt.save_checkpoint(
+                self.out, self.model, self.optimizer, self.data.tokenizer, self.trainer_state(), rng_states
+            )
+        distrib.barrier(self.ctx)
+
+    def _open_metrics(self):
+        """metrics.jsonl for appending; on resume, rows after the checkpoint's step are dropped first."""
+        path = self.out / "metrics.jsonl"
+        if self.resume_from is not None and path.exists():
+            kept = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            kept = [line for line in kept if json.loads(line).get("step", 0) <= self.step]
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+            tmp.replace(path)
+        return path.open("a", encoding="utf-8")
+
+    def _write_run_config(self) -> None:
+        payload = {
+            "data": self.data_dir,
+            "train_config": self.config.to_dict(),
+            "model_type": self.config.model,
+            "model_config": self.model_config.to_dict(),
+            "world_size": self.ctx.world_size,
+            "grad_accum": self.accum,
+            "seq_len": self.seq_len,
+        }
+        (self.out / "run_config.json").write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+
+    # -- the run --------------------------------------------------------------------------------------
+
+    def _is_due(self, interval: int | None, end: int) -> bool:
+        return self.step == end or (interval is not None and self.step % interval == 0)
+
+    def run(self) -> TrainResult:
+        cfg = self.config
+        end = min(cfg.max_steps, self.stop_at) if self.stop_at else cfg.max_steps
+        if self.ctx.is_main and self.resume_from is None:
+            make_run_dir(self.out)
+            self._write_run_config()
+        distrib.barrier(self.ctx)
+        self.metrics = self._open_metrics() if self.ctx.is_main else None
+        self.result = TrainResult(self.out, self.step, finished=self.step >= cfg.max_steps)
+        self.session_time, self.session_tokens = 0.0, 0  # this session only, for tokens/s
+        bar = self._progress_bar(end)
+        try:
+            while self.step < end:
+                started = time.perf_counter()
+                loss, grad_norm = self.train_step(self.sampler.next_step())
+                self.step += 1
+                self.tokens_seen += self.sampler.global_rows * self.seq_len
+                loss_value = self._reduce_loss(loss) if self._is_due(cfg.log_interval, end) else None
+                self._count_time(time.perf_counter() - started)
+                if loss_value is not None:
+                    self._log_train(loss_value, grad_norm, bar)
+                bar.update(1)
+                if self._is_due(cfg.eval_interval, cfg.max_steps) or self.step == end:
+                    self._log_val(self.evaluate())
+                if self._is_due(cfg.ckpt_interval or cfg.eval_interval, end):
+                    self.save()
+                    if self.ctx.is_main:
+                        self._plot()
+        finally:
+            bar.close()
+            if self.metrics is not None:
+                self.metrics.close()
+        self.result.step, self.result.finished = self.step, self.step >= cfg.max_steps
+        self.result.tokens_per_s = self._rate() or None
+        return self.result
+
+    def _reduce_loss(self, loss: torch.Tensor) -> float:
+        """The step's loss averaged over processes; a non-finite loss stops the run with a hint."""
+        value = distrib.all_reduce_sum(self.ctx, [loss.item()], self.device)[0] / self.ctx.world_size
+        if not math.isfinite(value):
+            raise MosaicError(
+                f"training loss became {value} at step {self.step}; lower --lr or use --dtype float32"
+            )
+        return value
+
+    def _count_time(self, seconds: float) -> None:
+        self.session_time += seconds
+        self.session_tokens += self.sampler.global_rows * self.seq_len
+        self.elapsed += seconds
+
+    def _rate(self) -> float:
+        return self.session_tokens / self.session_time if self.session_time > 0 else 0.0
+
+    def _log_train(self, loss: float, grad_norm: torch.Tensor | None, bar) -> None:
+        row = {
+            "kind": "train",
+            "step": self.step,
+            "loss": loss,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "grad_norm": None if grad_norm is None else float(grad_norm),
+            "tokens": self.tokens_seen,
+            "tokens_per_s": self._rate(),
+            "elapsed_s": self.elapsed,
+        }
+        self._emit(row)
+        self.result.last_loss = loss
+        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{self._rate():,.0f}")
+
+    def _log_val(self, val: float) -> None:
+        self._emit(
+            {"kind": "val", "step": self.step, "val_loss": val, "val_perplexity": math.exp(min(val, 50.0))}
+        )
+        self.result.last_val_loss = val
+
+    def _emit(self, row: dict) -> None:
+        self.result.history.append(row)
+        if self.metrics is not None:
+            self.metrics.write(json.dumps(row) + "\n")
+            self.metrics.flush()
+
+    def _progress_bar(self, end: int):
+        from tqdm.auto import tqdm
+
+        return tqdm(
+            total=end, initial=self.step, desc="train", unit="step", file=sys.stderr,
+            disable=not (self.progress and self.ctx.is_main), dynamic_ncols=True,
+        )  # fmt: skip
+
+    def _plot(self) -> None:
+        from memory_mosaics.eval.plots import plot_training_curves
+
+        plot_training_curves(self.out / "metrics.jsonl", self.out / "loss.png")
+
+
+def train(
+    data_dir: str | Path,
+    out: str | Path,
+    config: TrainConfig,
+    model_settings: dict[str, Any] | None = None,
+    resume: bool = False,
+    stop_at: int | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train a model on prepared data (see `mosaic prepare`) into the run folder `out`."""
+    trainer = Trainer(
+        data_dir, out, config, model_settings, resume=resume, stop_at=stop_at, progress=progress
+    )
+    try:
+        return trainer.run()
+    finally:
+        distrib.teardown(trainer.ctx)
