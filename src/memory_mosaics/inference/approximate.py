@@ -1,0 +1,204 @@
+"""Approximate retrieval for long contexts: locality-sensitive hashing and positive random features.
+
+Exact retrieval scores a query against every stored key: O(N d) per query. Two cheaper forms:
+
+- **LSH** (`HyperplaneHash`, `lsh_candidates`, `gathered_read`): keys are unit-norm (times a per-head
+  scale), so the sign pattern of their projections on `bits` random hyperplanes is a hash that
+  collides more often the smaller the angle between two keys (SimHash). Each of `tables` tables
+  hashes with its own hyperplanes; a query scores only the stored keys that share its bucket in at
+  least one table, with an exact softmax over those candidates. Finding the candidates compares one
+  int32 code per (key, table) with the query's, which is much cheaper than a d-dimensional dot product
+  and needs no floating-point work; the softmax and the value average then run on candidates only.
+  More tables raise recall; more bits make buckets smaller (faster, lower recall).
+
+- **Random features** (`RandomFeatureMemory`): exp(<q, k>) = E_w[phi(q) phi(k)] for positive features
+  phi(x) = exp(A |w|^2 + B <w, x> + C |x|^2), w ~ N(0, I) (Performer's FAVOR+ is A = 0, B = 1; the
+  generalised form with the variance-minimising A < 0 is FAVOR++, Likhosherstov et al. 2022). Then
+  sum_s exp(<q, k_s>) v_s  ~  sum_f phi_f(q) S_f  with  S_f = sum_s phi_f(k_s) v_s, so the memory is a
+  fixed-size summary (num_features x d per head) updated in O(F d) per write and read in O(F d) per
+  query, whatever the number of stored pairs. All keys and queries of a head have the same norm
+  s_h, so the C |x|^2 and normalising constants cancel in the softmax ratio. Each feature keeps a
+  running log-scale (like an online softmax) so that exp never overflows.
+
+Shapes: queries/keys/values (B, H, n, d); codes (B, H, tables, n).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class HyperplaneHash:
+    """SimHash codes: `tables` independent tables of `bits` random hyperplanes per head."""
+
+    def __init__(self, n_head: int, head_dim: int, tables: int, bits: int, generator: torch.Generator):
+        self.tables, self.bits = tables, bits
+        # (H, d, tables * bits): one matrix product gives every sign of every table.
+        self.planes = torch.randn(n_head, head_dim, tables * bits, generator=generator)
+        self.powers = 2 ** torch.arange(bits, dtype=torch.int32)
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> HyperplaneHash:
+        self.planes = self.planes.to(device=device, dtype=dtype)
+        self.powers = self.powers.to(device)
+        return self
+
+    def codes(self, x: Tensor) -> Tensor:
+        """(B, H, n, d) -> (B, H, tables, n) int32 bucket codes."""
+        batch, heads, length, _ = x.shape
+        signs = (x @ self.planes > 0).view(batch, heads, length, self.tables, self.bits)
+        return (signs.to(torch.int32) * self.powers).sum(-1, dtype=torch.int32).transpose(-1, -2)
+
+
+def lsh_candidates(query_codes: Tensor, key_codes: Tensor) -> Tensor:
+    """(B, H, n, N) bool: key s is a candidate for query i when they share a bucket in some table."""
+    match = None
+    for table in range(query_codes.shape[2]):
+        same = query_codes[:, :, table, :, None] == key_codes[:, :, table, None, :]
+        match = same if match is None else match.logical_or_(same)
+    return match
+
+
+def gathered_read(
+    queries: Tensor, keys: Tensor, values: Tensor, candidates: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Exact softmax restricted to each query's candidates, scoring only those.
+
+    queries (B, H, n, d); keys/values (B, H, N, d); candidates (B, H, n, N) bool.
+    Returns reads (B, H, n, d), and the candidates as `index` (B, H, n, K) with their `weights`
+    (B, H, n, K) (zero on padding). A query without candidates reads zero.
+    """
+    batch, heads, n, stored = candidates.shape
+    dim = keys.shape[-1]
+    counts = candidates.sum(-1).view(-1)
+    width = int(counts.max()) if counts.numel() else 0
+    if width == 0:
+        empty = torch.zeros(batch, heads, n, 0, dtype=torch.long, device=keys.device)
+        return queries.new_zeros(batch, heads, n, values.shape[-1]), empty, empty.to(queries.dtype)
+    # Pack each row's candidate columns to the left of a (rows, width) table, padded with slot 0.
+    row, column = candidates.view(-1, stored).nonzero(as_tuple=True)
+    rank = torch.arange(row.numel(), device=row.device) - (counts.cumsum(0) - counts)[row]
+    index = torch.zeros(batch * heads * n, width, dtype=torch.long, device=keys.device)
+    valid = torch.zeros(batch * heads * n, width, dtype=torch.bool, device=keys.device)
+    index[row, rank] = column
+    valid[row, rank] = True
+    index, valid = index.view(batch, heads, n, width), valid.view(batch, heads, n, width)
+
+    flat = index.view(batch, heads, n * width, 1)
+    cand_keys = keys.gather(2, flat.expand(-1, -1, -1, dim)).view(batch, heads, n, width, dim)
+    cand_values = values.gather(2, flat.expand(-1, -1, -1, values.shape[-1])).view(batch, heads, n, width, -1)
+    scores = (cand_keys @ queries.unsqueeze(-1)).squeeze(-1).masked_fill(~valid, float("-inf"))
+    has_any = valid[..., :1].clone()  # candidates are packed left: column 0 is valid iff any is
+    weights = torch.softmax(scores.masked_fill(~has_any, 0.0), dim=-1) * valid
+    reads = (weights.unsqueeze(-2) @ cand_values).squeeze(-2)
+    return reads, index, weights
+
+
+def top_key_recall(scores: Tensor, candidates: Tensor, k: int, admissible: Tensor | None = None) -> float:
+    """Fraction of each query's exact top-k keys (by score) that are among its candidates.
+
+    scores and candidates (..., n, N); rows with fewer than k admissible keys use all they have.
+    """
+    if admissible is not None:
+        scores = scores.masked_fill(~admissible, float("-inf"))
+    k = min(k, scores.shape[-1])
+    top_scores, top = scores.topk(k, dim=-1)
+    real = torch.isfinite(top_scores)
+    hit = candidates.gather(-1, top) & real
+    return float(hit.sum()) / max(1, int(real.sum()))
+
+
+def orthogonal_gaussian(n_head: int, num_features: int, dim: int, generator: torch.Generator) -> Tensor:
+    """(H, F, d) rows distributed as N(0, I) marginally, orthogonal within blocks of d (lower variance)."""
+    blocks = []
+    for _ in range(-(-num_features // dim)):
+        q, _ = torch.linalg.qr(torch.randn(n_head, dim, dim, generator=generator))
+        norms = torch.randn(n_head, dim, dim, generator=generator).norm(dim=-1, keepdim=True)
+        blocks.append(q.transpose(-1, -2) * norms)  # rows of q^T are orthonormal; chi(d) lengths
+    return torch.cat(blocks, dim=1)[:, :num_features]
+
+
+def favor_plus_plus_a(dim: int, pair_sq_norm: Tensor) -> Tensor:
+    """The A < 0 of phi that minimises the estimator's variance for pairs with |q + k|^2 = pair_sq_norm.
+
+    With u = 1 - 8A, log(relative variance) = (d/2)(2 log((1+u)/2) - log u) + |q+k|^2 / u, whose
+    minimum solves (d/2) u^2 - (d/2 + |q+k|^2) u - |q+k|^2 = 0. |q+k|^2 = 0 gives A = 0 (FAVOR+).
+    """
+    half = dim / 2
+    b = half + pair_sq_norm
+    u = (b + torch.sqrt(b * b + 4 * half * pair_sq_norm)) / (2 * half)
+    return (1 - u) / 8
+
+
+class RandomFeatureMemory:
+    """Context pairs summarised by positive random features; reads cost O(F d) whatever was stored."""
+
+    def __init__(self, key_scale: Tensor, head_dim: int, num_features: int, generator: torch.Generator):
+        n_head = key_scale.shape[0]
+        self.weights = orthogonal_gaussian(n_head, num_features, head_dim, generator)  # (H, F, d)
+        # Tune A for pairs at 90 degrees (|q + k|^2 = 2 s^2): the bulk of the pairs in d dimensions.
+        a = favor_plus_plus_a(head_dim, 2 * key_scale.detach().double().cpu() ** 2)
+        b = torch.sqrt(1 - 4 * a)
+        self.offset = (a[:, None] * self.weights.double().pow(2).sum(-1)).float()  # A |w_f|^2, (H, F)
+        self.weights = self.weights * b.float()[:, None, None]  # fold B into w
+        self.sums = self.norms = self.log_shift = None
+        self.count = 0
+
+    def _features(self, x: Tensor) -> Tensor:
+        """log phi up to a constant: (B, H, n, d) -> (B, H, n, F)."""
+        return x @ self.weights.transpose(-1, -2).to(x) + self.offset.to(x)[:, None]
+
+    def _allocate(self, like: Tensor) -> None:
+        batch, heads, _, dim = like.shape
+        features = self.weights.shape[1]
+        self.sums = like.new_zeros(batch, heads, features, dim)
+        self.norms = like.new_zeros(batch, heads, features)
+        self.log_shift = like.new_full((batch, heads, features), float("-inf"))
+
+    def write(self, key_features: Tensor, value: Tensor) -> None:
+        """Add one pair per (row, head): key_features (B, H, F), value (B, H, d)."""
+        shift = torch.maximum(self.log_shift, key_features)
+        decay = torch.exp(self.log_shift - shift)
+        weight = torch.exp(key_features - shift)
+        self.sums = self.sums * decay.unsqueeze(-1) + weight.unsqueeze(-1) * value.unsqueeze(-2)
+        self.norms = self.norms * decay + weight
+        self.log_shift = shift
+        self.count += 1
+
+    def read(self, query_features: Tensor) -> Tensor:
+        """(B, H, F) -> (B, H, d): sum_f phi_f(q) S_f / sum_f phi_f(q) z_f."""
+        if self.count == 0:
+            return query_features.new_zeros(*query_features.shape[:2], self.sums.shape[-1])
+        logits = query_features + self.log_shift
+        scale = torch.exp(logits - logits.amax(-1, keepdim=True))
+        numerator = (scale.unsqueeze(-2) @ self.sums).squeeze(-2)
+        return numerator / (scale * self.norms).sum(-1, keepdim=True)
+
+    def extend_and_read(self, queries: Tensor, keys: Tensor, values: Tensor) -> Tensor:
+        """Queries (B, H, n, d); the c <= n new pairs belong to the last c queries (written just before)."""
+        if self.sums is None:
+            self._allocate(queries)
+        n, c = queries.shape[2], keys.shape[2]
+        query_features, key_features = self._features(queries), self._features(keys)
+        reads = []
+        for i in range(n):
+            j = i - (n - c)
+            if j >= 0:
+                self.write(key_features[:, :, j], values[:, :, j])
+            reads.append(self.read(query_features[:, :, i]))
+        return torch.stack(reads, dim=2)
+
+    def implied_weights(self, queries: Tensor, keys: Tensor) -> Tensor:
+        """The retrieval weights this estimator implies, (B, H, n, N): for analysis (O(n N F))."""
+        pair = self._features(queries).unsqueeze(-2) + self._features(keys).unsqueeze(-3)
+        return torch.softmax(torch.logsumexp(pair, dim=-1), dim=-1)
+
+    def nbytes(self) -> int:
+        return sum(
+            t.numel() * t.element_size() for t in (self.sums, self.norms, self.log_shift) if t is not None
+        )
+
+
+def seeded_generator(seed: int, layer: int) -> torch.Generator:
+    """A CPU generator for layer `layer`: every layer draws its own hyperplanes or features."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + layer)
