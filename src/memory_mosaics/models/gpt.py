@@ -132,3 +132,15 @@ class GPT(PretrainedModel):
             x = block(x)
         logits = self.lm_head(self.ln_f(x))
         return logits, language_model_loss(logits, targets)
+
+    def init_state(self, batch_size: int, **options):
+        """A KV cache for `step` (no options; see memory_mosaics.inference.state)."""
+        from memory_mosaics.inference.state import init_gpt_state  # deferred: inference builds on models
+
+        return init_gpt_state(self, batch_size, **options)
+
+    def step(self, idx_chunk: Tensor, state):
+        """Consume a chunk of tokens (B, n); returns (logits (B, n, V), state), the state updated in place."""
+        from memory_mosaics.inference.state import gpt_step
+
+        return gpt_step(self, idx_chunk, state)

@@ -106,3 +106,16 @@ class MemoryMosaic(PretrainedModel):
             x = block(x)
         logits = self.lm_head(self.ln_f(x)) * self.logit_scale
         return logits, language_model_loss(logits, targets)
+
+    def init_state(self, batch_size: int, **options):
+        """A recurrent inference state for `step`; options (memory_size, eviction, retrieval, ...) are
+        described in memory_mosaics.inference.options."""
+        from memory_mosaics.inference.state import init_mosaic_state  # deferred: inference builds on models
+
+        return init_mosaic_state(self, batch_size, **options)
+
+    def step(self, idx_chunk: Tensor, state):
+        """Consume a chunk of tokens (B, n); returns (logits (B, n, V), state), the state updated in place."""
+        from memory_mosaics.inference.state import mosaic_step
+
+        return mosaic_step(self, idx_chunk, state)
