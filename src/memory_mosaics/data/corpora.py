@@ -80,6 +80,8 @@ def open_corpus(
         if path.stat().st_size == 0:
             raise CorpusError(f"corpus file {path} is empty")
         return Corpus(f"file {path}", _file_reader(path, text_field, fmt))
+    if path.exists():
+        raise CorpusError(f"corpus {spec!r} is neither a regular file nor a folder")
     raise CorpusError(
         f"corpus {spec!r} not found: it is not a file, a folder, or a built-in name ({', '.join(NAMED)})"
     )

@@ -44,7 +44,7 @@ MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "memory-mosaics-prepared-data"
 MANIFEST_VERSION = 1
 SPLITS = ("train", "val")
-_BATCH_CHARS = 1 << 22  # documents are tokenized in batches of about this many characters
+_BATCH_CHARS = 1 << 20  # documents are tokenized in batches of about this many characters
 
 
 def prepare_dataset(
