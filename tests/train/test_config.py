@@ -78,7 +78,7 @@ def test_unknown_and_misplaced_keys_are_refused(tmp_path):
         resolve_settings(None, str(file), {})
     with pytest.raises(ConfigError, match="must be float"):
         build_dataclass(TrainConfig, {"lr": "fast"}, "t")
-    with pytest.raises(ConfigError, match="unknown preset 'tinystories'.*did you mean 'tinystories-cpu'"):
+    with pytest.raises(ConfigError, match=r"unknown preset 'tinystories'.*did you mean 'tinystories-cpu'"):
         load_preset("tinystories")
 
 

@@ -64,6 +64,7 @@ def load_eval_tokens(data: str, split: str, tokenizer) -> tuple[np.ndarray, str]
 
 
 def evaluate_run(ckpt: str, args: argparse.Namespace) -> dict:
+    from memory_mosaics import GPT
     from memory_mosaics.eval import evaluate_loss, per_position_loss
     from memory_mosaics.eval.metrics import fit_seq_len
     from memory_mosaics.train.checkpoint import load_model, load_tokenizer_of, resolve_checkpoint
@@ -74,7 +75,7 @@ def evaluate_run(ckpt: str, args: argparse.Namespace) -> dict:
     tokens, source = load_eval_tokens(args.data, args.split, tokenizer)
     block = model.config.block_size
     seq_len = args.seq_len or block
-    if seq_len > block and getattr(model, "model_type", "") == "gpt":
+    if seq_len > block and isinstance(model, GPT):
         raise ConfigError(
             f"--seq-len {seq_len} is larger than the model's block_size {block}; "
             "a GPT has no positions past it"
