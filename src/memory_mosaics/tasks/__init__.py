@@ -1,0 +1,1 @@
+"""Benchmark tasks with their data generators and harnesses (RegBench, three moons)."""

@@ -1,0 +1,134 @@
+"""What the moons networks learned: error against context length, and a disentanglement score.
+
+Disentanglement score (also in docs/moons.md)
+--------------------------------------------
+Every map of the network is a complex matrix whose entries connect one complex coordinate (a
+(sin, cos) pair) to another. The inputs and outputs are the three moons, so for head h we can ask
+how the energy |w|^2 of each of its maps is spread over the moons:
+
+    key_h(j)   = sum over the head's key coordinates i of |W_phi[i, j]|^2, normalised to sum 1 over j
+    value_h(j) = the same for W_psi (what the head stores)
+    out_h(j)   = sum over the head's coordinates i of |W_z[j, i]|^2, normalised (where it writes)
+    p_h(j)     = (key_h(j) + value_h(j) + out_h(j)) / 3
+
+p_h is the head's moon profile. The heads are then matched to distinct moons (the best one-to-one
+assignment sigma; a single head simply takes its best moon), A = mean_h p_h(sigma(h)), and
+
+    disentanglement = (n_moons * A - 1) / (n_moons - 1)   in [0, 1]
+
+A is at least 1/n_moons (the average over assignments is exactly 1/n_moons), so the score is 0
+when every head spreads evenly over the moons and 1 when every head reads, stores and writes one
+moon only, each head a different moon.
+
+Why it measures *predictive* disentanglement: a head's attention depends on its keys only. If
+the key map reads moon j alone, the head retrieves past steps where moon j stood where it stands
+now, whatever the other moons did — exactly what is needed to predict moon j, and available as
+soon as the context spans moon j's own period. If its values and outputs are moon j too, the head
+predicts moon j and nothing else, so the prediction task is split into independent per-moon
+memories. A head that mixes moons can only find an exact match where the *joint* configuration
+repeats, which takes the joint period. The assignment is one-to-one so that three heads all
+tracking the same moon (which would leave two moons unpredicted) do not score high.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from memory_mosaics.errors import ConfigError
+from memory_mosaics.tasks.moons.model import MoonsCache, MoonsMemory
+
+
+@torch.no_grad()
+def error_vs_context(
+    model: MoonsMemory,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    context_lengths: list[int],
+    num_predictions: int = 25,
+) -> torch.Tensor:
+    """Mean |prediction - truth| of a free-running continuation, for each context length.
+
+    For context length L the model sees x_0..x_{L-1}, predicts y_{L-1} (= x_L), feeds that back,
+    and so on for `num_predictions` steps; prediction j is compared with y_{L-1+j}. The error is
+    averaged over the steps, the windows and the 6 coordinates. x, y: (B, T, 6) with y = next x.
+    """
+    longest = max(context_lengths)
+    if min(context_lengths) < 1 or longest + num_predictions - 1 > x.shape[1]:
+        raise ConfigError(
+            f"context lengths must be in [1, {x.shape[1] - num_predictions + 1}] for windows of "
+            f"{x.shape[1]} steps and {num_predictions} predictions"
+        )
+    teacher_forced, _ = model(x)  # causal: position L-1 only saw x_0..x_{L-1}
+    keys, values = model.keys_and_values(x)
+    errors = []
+    for length in context_lengths:
+        cache = MoonsCache.from_prefix(keys, values, length, capacity=length + num_predictions - 1)
+        predictions = [teacher_forced[:, length - 1]]
+        for _ in range(num_predictions - 1):
+            predictions.append(model.step(predictions[-1], cache))
+        truth = y[:, length - 1 : length - 1 + num_predictions]
+        errors.append((torch.stack(predictions, dim=1) - truth).abs().mean())
+    return torch.stack(errors)
+
+
+def head_moon_profiles(model: MoonsMemory, n_moons: int = 3) -> dict[str, torch.Tensor]:
+    """Per head, the share of each map's energy on each moon: tensors (H, n_moons) for key/value/out."""
+    config = model.config
+    if config.input_dim != 2 * n_moons:
+        raise ConfigError(
+            f"the model reads {config.input_dim} inputs, not the 2*{n_moons} of {n_moons} moons"
+        )
+    pairs = config.head_dim // 2  # complex coordinates per head
+    energy = {
+        "key": model.key.block_moduli().square(),  # (H*pairs, n_moons)
+        "value": model.value.block_moduli().square(),
+        "out": model.out.block_moduli().square().T,  # (H*pairs, n_moons): head coordinate -> moon
+    }
+    profiles = {}
+    for name, e in energy.items():
+        per_head = e.reshape(config.n_head, pairs, n_moons).sum(dim=1)
+        profiles[name] = per_head / per_head.sum(dim=1, keepdim=True)
+    return profiles
+
+
+def disentanglement(model: MoonsMemory, n_moons: int = 3) -> dict:
+    """The disentanglement score (module doc) with the per-head profiles and the assignment."""
+    with torch.no_grad():
+        profiles = head_moon_profiles(model, n_moons)
+        mean_profile = (profiles["key"] + profiles["value"] + profiles["out"]) / 3  # (H, n_moons)
+    n_head = mean_profile.shape[0]
+    if n_head <= n_moons:
+        assignments = itertools.permutations(range(n_moons), n_head)
+    else:  # more heads than moons: one-to-one is impossible, every head takes its best moon
+        assignments = [tuple(mean_profile.argmax(dim=1).tolist())]
+    best = max(assignments, key=lambda a: sum(mean_profile[h, j].item() for h, j in enumerate(a)))
+    matched = sum(mean_profile[h, j].item() for h, j in enumerate(best)) / n_head
+    return {
+        "score": (n_moons * matched - 1) / (n_moons - 1),
+        "head_moon": list(best),
+        "profiles": {name: p.tolist() for name, p in profiles.items()},
+    }
+
+
+@torch.no_grad()
+def retrieval_phase_match(
+    model: MoonsMemory, x: torch.Tensor, phases: torch.Tensor, first_position: int = 1
+) -> torch.Tensor:
+    """How well each head's retrievals match each moon: a (H, n_moons) matrix in [-1, 1].
+
+    phases: (B, T+1, n_moons) angle of each moon at x_0..x_T. Head h at query t retrieves the
+    values v_s (= x_{s+1}) with weights a_ts; the entry for moon j is the attention-weighted mean of
+    cos(angle_j(s+1) - angle_j(t+1)) over queries t >= first_position: 1 when the head always
+    retrieves steps where moon j was exactly where it is about to be.
+    """
+    weights = model.attention(x)  # (B, H, T, T)
+    t = x.shape[1]
+    target = phases[:, 1 : t + 1].to(weights.dtype)  # angle at t+1 for query t, (B, T, n_moons)
+    # cos(a - b) = cos a cos b + sin a sin b: avoids a (B, T, T, n_moons) tensor
+    cos_t, sin_t = torch.cos(target), torch.sin(target)
+    retrieved_cos = torch.einsum("bhts,bsj->bhtj", weights, cos_t)
+    retrieved_sin = torch.einsum("bhts,bsj->bhtj", weights, sin_t)
+    match = retrieved_cos * cos_t[:, None] + retrieved_sin * sin_t[:, None]  # (B, H, T, n_moons)
+    return match[:, :, first_position:].mean(dim=(0, 2))
