@@ -2,6 +2,6 @@
 
 __version__ = "0.1.0"
 
-from memory_mosaics.models import GPT, GPTConfig, MemoryMosaic, MemoryMosaicConfig, load  # noqa: E402
+from memory_mosaics.models import GPT, GPTConfig, MemoryMosaic, MemoryMosaicConfig, load
 
 __all__ = ["GPT", "GPTConfig", "MemoryMosaic", "MemoryMosaicConfig", "__version__", "load"]

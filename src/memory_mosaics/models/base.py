@@ -42,7 +42,9 @@ class ModelConfig:
         known = {field.name for field in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ConfigError(f"{cls.__name__}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+            raise ConfigError(
+                f"{cls.__name__}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
         return cls(**values)
 
     def _check_types(self) -> None:
@@ -63,9 +65,7 @@ class ModelConfig:
     def _check_heads(self) -> None:
         n_embd, n_head = getattr(self, "n_embd"), getattr(self, "n_head")  # noqa: B009
         if n_embd % n_head:
-            raise ConfigError(
-                f"{type(self).__name__}: n_embd ({n_embd}) must be divisible by n_head ({n_head})"
-            )
+            raise ConfigError(f"{type(self).__name__}: n_embd ({n_embd}) must be divisible by n_head ({n_head})")
 
     def _check_dropout(self) -> None:
         dropout = getattr(self, "dropout")  # noqa: B009
@@ -73,10 +73,9 @@ class ModelConfig:
             raise ConfigError(f"{type(self).__name__}.dropout must be in [0, 1), got {dropout}")
 
     def _check_choice(self, name: str, choices: tuple[str, ...]) -> None:
-        if getattr(self, name) not in choices:
-            raise ConfigError(
-                f"{type(self).__name__}.{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}"
-            )
+        value = getattr(self, name)
+        if value not in choices:
+            raise ConfigError(f"{type(self).__name__}.{name} must be one of {', '.join(choices)}, got {value!r}")
 
 
 def language_model_loss(logits: Tensor, targets: Tensor | None) -> Tensor | None:
@@ -140,7 +139,9 @@ class PretrainedModel(nn.Module):
         return cls._build_and_load(folder, config_values, map_location)
 
     @classmethod
-    def _build_and_load(cls: type[ModelT], folder: str | os.PathLike[str], config_values: dict[str, Any], map_location: str) -> ModelT:
+    def _build_and_load(
+        cls: type[ModelT], folder: str | os.PathLike[str], config_values: dict[str, Any], map_location: str
+    ) -> ModelT:
         config_path = Path(folder) / CONFIG_FILE
         try:
             config = cls.config_class.from_dict(config_values)
@@ -173,7 +174,9 @@ def read_config(folder: str | os.PathLike[str]) -> tuple[str, dict[str, Any]]:
     return model_type, values
 
 
-def read_weights(folder: str | os.PathLike[str], model: PretrainedModel, map_location: str = "cpu") -> dict[str, Tensor]:
+def read_weights(
+    folder: str | os.PathLike[str], model: PretrainedModel, map_location: str = "cpu"
+) -> dict[str, Tensor]:
     """Load `model.safetensors` and check it holds exactly the model's tensors with their shapes."""
     path = Path(folder) / WEIGHTS_FILE
     if not path.is_file():
@@ -209,4 +212,3 @@ def load(folder: str | os.PathLike[str], map_location: str = "cpu") -> Pretraine
     """Load any saved model of the project, picking its class from `model_type` in config.json."""
     model_type, config_values = read_config(folder)
     return MODEL_TYPES[model_type]._build_and_load(folder, config_values, map_location)
-

@@ -56,14 +56,30 @@ class MosaicBlock(nn.Module):
         self.pre_ln = c.pre_ln
         self.ln_1 = nn.LayerNorm(c.n_embd, eps=1e-5, bias=c.bias)
         self.context = ContextMemory(
-            c.n_embd, c.n_head, c.n_layer, c.dropout, c.bias, c.v_shift, c.value_kind, c.impl, c.leaky_chunk_size
+            c.n_embd,
+            c.n_head,
+            c.n_layer,
+            c.dropout,
+            c.bias,
+            c.v_shift,
+            c.value_kind,
+            c.impl,
+            c.leaky_chunk_size,
         )
         if c.attn_only:
             self.ln_2 = self.persistent = None
         else:
             self.ln_2 = nn.LayerNorm(c.n_embd, eps=1e-5, bias=c.bias)
             self.persistent = PersistentMemory(
-                c.n_embd, c.n_head, c.pmem_size, c.pmem_count, c.n_layer, c.dropout, c.bias, c.impl, c.leaky_chunk_size
+                c.n_embd,
+                c.n_head,
+                c.pmem_size,
+                c.pmem_count,
+                c.n_layer,
+                c.dropout,
+                c.bias,
+                c.impl,
+                c.leaky_chunk_size,
             )
 
     def forward(self, x: Tensor) -> Tensor:

@@ -79,7 +79,8 @@ def leaky_average(
     chunks = x.reshape(*lead, heads, n_chunks, chunk_size, dim)
 
     # Inside each chunk: the dense form, as if the chunk were a sequence of its own.
-    local = _decay_matrix(beta, chunk_size).to(x.dtype).unsqueeze(-3) @ chunks
+    # (einsum lowers to one bmm over heads; a broadcast `@` would materialise the matrix per chunk.)
+    local = torch.einsum("hij,...hnjd->...hnid", _decay_matrix(beta, chunk_size).to(x.dtype), chunks)
 
     # The full average at the end of chunk n is a leaky average over chunks of the chunks' own last
     # rows, with decay beta * chunk_size; recursion keeps this linear in the number of chunks.

@@ -61,7 +61,11 @@ def context_retrieval(
 
 
 def persistent_retrieval_reference(
-    queries: Tensor, memory_keys: Tensor, memory_values: Tensor, dropout_p: float = 0.0, training: bool = False
+    queries: Tensor,
+    memory_keys: Tensor,
+    memory_values: Tensor,
+    dropout_p: float = 0.0,
+    training: bool = False,
 ) -> Tensor:
     """Explicit form: softmax over every slot of each table, averaged over the tables."""
     out = 0.0
@@ -72,7 +76,11 @@ def persistent_retrieval_reference(
 
 
 def persistent_retrieval(
-    queries: Tensor, memory_keys: Tensor, memory_values: Tensor, dropout_p: float = 0.0, training: bool = False
+    queries: Tensor,
+    memory_keys: Tensor,
+    memory_values: Tensor,
+    dropout_p: float = 0.0,
+    training: bool = False,
 ) -> Tensor:
     """Fast form: one fused attention call per table (no B x H x T x P matrix kept for backward)."""
     batch = queries.shape[0]
