@@ -1,4 +1,4 @@
-"""Fixtures for the evaluation tests: tiny saved models with their tokenizer, and tiny data."""
+"""Fixtures for the evaluation tests: tiny saved models with their tokenizer, tiny data, one thread."""
 
 from __future__ import annotations
 
@@ -6,16 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from eval_support import STORIES, save_checkpoint_folder
 
-from memory_mosaics import GPT, GPTConfig, MemoryMosaic, MemoryMosaicConfig
 from memory_mosaics.data import make_tokenizer, prepare_dataset
-
-STORIES = [
-    "Tom had a red ball. Tom threw the ball to Mia.",
-    "Mia found a cat. The cat was small and soft.",
-    "Sam and Lily ate cake. The cake was sweet.",
-    "A boat sailed on the lake. The sun was warm.",
-]
 
 
 @pytest.fixture(autouse=True)
@@ -24,19 +17,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def save_checkpoint_folder(folder: Path, model_type: str, tokenizer) -> Path:
-    """A checkpoint as `mosaic train` lays it out (model + tokenizer/), with random weights."""
-    torch.manual_seed(0)
-    shape = {"vocab_size": tokenizer.vocab_size, "block_size": 32, "n_layer": 1, "n_head": 2, "n_embd": 16}
-    if model_type == "mosaic":
-        model = MemoryMosaic(MemoryMosaicConfig(**shape, pmem_size=16, dropout=0.0))
-    else:
-        model = GPT(GPTConfig(**shape, dropout=0.0))
-    model.save_pretrained(folder / "checkpoint")
-    tokenizer.save(folder / "checkpoint" / "tokenizer")
-    return folder
 
 
 @pytest.fixture(scope="session")

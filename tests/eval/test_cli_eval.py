@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import STORIES, save_checkpoint_folder
+from eval_support import STORIES, save_checkpoint_folder
 
 from memory_mosaics.cli import main
 from memory_mosaics.data import make_tokenizer

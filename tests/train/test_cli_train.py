@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import TINY_MOSAIC, write_stories
+from train_support import TINY_MOSAIC, write_stories
 
 from memory_mosaics.cli import main
 from memory_mosaics.data import prepare_dataset

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import TINY_MOSAIC
+from train_support import TINY_MOSAIC
 
 from memory_mosaics import MemoryMosaic, MemoryMosaicConfig
 from memory_mosaics.errors import CheckpointError

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_MOSAIC
 from safetensors.torch import load_file
+from train_support import TINY_MOSAIC
 
 from memory_mosaics.train import TrainConfig, train
 from memory_mosaics.train.sampler import WindowSampler

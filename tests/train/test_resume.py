@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import TINY_GPT, TINY_MOSAIC
 from safetensors.torch import load_file
+from train_support import TINY_GPT, TINY_MOSAIC
 
 from memory_mosaics.train import TrainConfig, train
 
