@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 
 from memory_mosaics.cli import main
-from memory_mosaics.data import PreparedData, ShardError, make_tokenizer, prepare_dataset
+from memory_mosaics.data import (
+    PreparedData,
+    ShardError,
+    encode_documents,
+    make_tokenizer,
+    open_corpus,
+    prepare_dataset,
+)
 from memory_mosaics.data.errors import CorpusError, DataError, TokenizerError
 
 GPT2_DIR = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "gpt2"
@@ -53,6 +60,14 @@ def test_prepare_byte_corpus_end_to_end(tmp_path, corpus, capsys):
     assert manifest["splits"]["train"]["tokens"] == len(data.split("train"))
     assert manifest["dtype"] == "uint16" and data.split("train").dtype == np.uint16
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.txt", "data", "m.json"]  # no leftovers
+
+
+def test_encode_documents_matches_the_prepared_stream(tmp_path, corpus):
+    prepare_dataset(str(corpus), tmp_path / "d", "byte", val=str(corpus))
+    data = PreparedData.open(tmp_path / "d")
+    stream = encode_documents(data.tokenizer, open_corpus(str(corpus)).documents())
+    assert stream.dtype == np.int64 and (stream == data.split("val")).all() and len(stream) > len(STORIES)
+    assert encode_documents(data.tokenizer, []).shape == (0,)
 
 
 def test_prepare_is_deterministic_and_the_seed_changes_the_split(tmp_path, corpus):
@@ -229,3 +244,12 @@ def test_library_errors_are_mosaic_errors(tmp_path):
     with pytest.raises(MosaicError):
         prepare_dataset(str(tmp_path / "missing.txt"), tmp_path / "o", "byte")
     assert issubclass(CorpusError, MosaicError) and issubclass(ShardError, MosaicError)
+
+
+def test_progress_bars_go_to_stderr(tmp_path, corpus, capsys):
+    prepare_dataset(str(corpus), tmp_path / "d", "bpe", vocab_size=270, val_fraction=0.3, progress=True)
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    for task in ("training bpe", "tokenizing train", "tokenizing val"):
+        assert f"{task} (reading {corpus}): " in captured.err
+    assert "40doc" in captured.err

@@ -2,7 +2,7 @@
 
 from memory_mosaics.data.corpora import Corpus, open_corpus
 from memory_mosaics.data.errors import CorpusError, DataError, ShardError, TokenizerError
-from memory_mosaics.data.prepare import PreparedData, prepare_dataset
+from memory_mosaics.data.prepare import PreparedData, encode_documents, prepare_dataset
 from memory_mosaics.data.shards import read_shard, write_shard
 from memory_mosaics.data.tokenizers import Tokenizer, load_tokenizer, make_tokenizer
 
@@ -14,6 +14,7 @@ __all__ = [
     "ShardError",
     "Tokenizer",
     "TokenizerError",
+    "encode_documents",
     "load_tokenizer",
     "make_tokenizer",
     "open_corpus",

@@ -21,7 +21,7 @@ import json
 import os
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,25 +70,29 @@ def prepare_dataset(
     the long work where it can.
     """
     _check_arguments(tokenizer, vocab_size, val, val_fraction, max_docs)
-    out = Path(out)
+    out = Path(out).absolute()  # so that "." has a name to stage beside
     staging = _make_staging_folder(out, force)
     try:
         train_corpus = open_corpus(data, text_field=text_field, fmt=fmt)
         val_corpus = open_corpus(val, text_field=text_field, fmt=fmt) if val is not None else None
 
-        def documents(split: str) -> Iterator[str]:
+        def documents(split: str, task: str) -> Iterator[str]:
+            """The split's documents; the progress bar counts every document read for `task`."""
+            label = f"{task} (reading {data if val_corpus is None or split == 'train' else val})"
             if val_corpus is None:
-                for doc, in_val in _split_documents(train_corpus, max_docs, seed, val_fraction, progress):
-                    if in_val == (split == "val"):
+                for index, doc in enumerate(_limited(train_corpus, max_docs, progress, label)):
+                    if is_validation(index, seed, val_fraction) == (split == "val"):
                         yield doc
             else:
-                source = train_corpus if split == "train" else val_corpus
-                yield from _limited(source, max_docs, progress, f"{split} documents")
+                yield from _limited(
+                    train_corpus if split == "train" else val_corpus, max_docs, progress, label
+                )
 
-        texts = documents("train") if tokenizer == "bpe" else None
+        texts = documents("train", "training bpe") if tokenizer == "bpe" else None
         tok = make_tokenizer(tokenizer, vocab_size=vocab_size, texts=texts, gpt2_dir=gpt2_dir)
         splits = {
-            split: _write_split(tok, documents(split), staging / f"{split}.bin", split) for split in SPLITS
+            split: _write_split(tok, documents(split, f"tokenizing {split}"), staging / f"{split}.bin", split)
+            for split in SPLITS
         }
         tok.save(staging / "tokenizer")
         manifest = {
@@ -170,7 +174,7 @@ def _move_into_place(staging: Path, out: Path) -> None:
 
 def _limited(corpus: Corpus, max_docs: int | None, progress: bool, label: str) -> Iterator[str]:
     total = corpus.num_documents if max_docs is None else min(max_docs, corpus.num_documents or max_docs)
-    bar = tqdm(total=total, desc=label, unit="doc", disable=not progress, file=sys.stderr, leave=False)
+    bar = tqdm(total=total, desc=label, unit="doc", disable=not progress, file=sys.stderr)
     with bar:
         for index, doc in enumerate(corpus.documents()):
             if max_docs is not None and index >= max_docs:
@@ -179,9 +183,18 @@ def _limited(corpus: Corpus, max_docs: int | None, progress: bool, label: str) -
             yield doc
 
 
-def _split_documents(corpus, max_docs, seed, val_fraction, progress) -> Iterator[tuple[str, bool]]:
-    for index, doc in enumerate(_limited(corpus, max_docs, progress, "documents")):
-        yield doc, is_validation(index, seed, val_fraction)
+def encode_documents(tokenizer: Tokenizer, documents: Iterable[str]) -> np.ndarray:
+    """One token stream for `documents`, each followed by EOT (what eval reads from a text file)."""
+    chunks = [_encode_batch(tokenizer, batch) for batch in _batches(iter(documents))]
+    return np.concatenate(chunks) if chunks else np.empty(0, dtype=np.int64)
+
+
+def _encode_batch(tokenizer: Tokenizer, batch: list[str]) -> np.ndarray:
+    flat: list[int] = []
+    for ids in tokenizer.encode_batch(batch):
+        flat += ids
+        flat.append(tokenizer.eot_id)
+    return np.array(flat, dtype=np.int64)
 
 
 def _write_split(tokenizer: Tokenizer, documents: Iterator[str], path: Path, split: str) -> dict:
@@ -189,11 +202,7 @@ def _write_split(tokenizer: Tokenizer, documents: Iterator[str], path: Path, spl
     num_docs = 0
     with ShardWriter(path, tokenizer.fingerprint(), dtype_for_vocab(tokenizer.vocab_size)) as writer:
         for batch in _batches(documents):
-            flat: list[int] = []
-            for ids in tokenizer.encode_batch(batch):
-                flat += ids
-                flat.append(tokenizer.eot_id)
-            writer.write(np.array(flat, dtype=np.int64))
+            writer.write(_encode_batch(tokenizer, batch))
             num_docs += len(batch)
     if num_docs == 0:
         raise CorpusError(
