@@ -29,17 +29,20 @@ def tiny_mosaic(seed: int = 0, **overrides) -> MemoryMosaic:
     return model.eval()
 
 
-@pytest.fixture
-def model_dir(tmp_path):
+# The checkpoint folders are shared by the tests of a session: they only read them.
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
     """A save_pretrained folder without a tokenizer."""
-    return tiny_mosaic().save_pretrained(tmp_path / "model")
+    return tiny_mosaic().save_pretrained(tmp_path_factory.mktemp("inspect") / "model")
 
 
-@pytest.fixture
-def run_dir(tmp_path):
+@pytest.fixture(scope="session")
+def run_dir(tmp_path_factory):
     """A training-run-like folder: RUN/checkpoint/{config.json, model.safetensors, tokenizer/}."""
     tokenizers = pytest.importorskip("memory_mosaics.data.tokenizers")
-    run = tmp_path / "run"
+    run = tmp_path_factory.mktemp("inspect") / "run"
     folder = tiny_mosaic().save_pretrained(run / "checkpoint")
     tokenizers.ByteTokenizer().save(folder / "tokenizer")
     return run

@@ -83,10 +83,10 @@ def test_file_input(run_dir, tmp_path):
     assert len(json.loads((tmp_path / "r.json").read_text())["tokens"]) == len("Once upon a time\n")
 
 
-@pytest.fixture
-def gpt_dir(tmp_path):
+@pytest.fixture(scope="module")
+def gpt_dir(tmp_path_factory):
     gpt = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=8, dropout=0.0))
-    return gpt.save_pretrained(tmp_path / "gpt")
+    return gpt.save_pretrained(tmp_path_factory.mktemp("inspect") / "gpt")
 
 
 @pytest.mark.parametrize(

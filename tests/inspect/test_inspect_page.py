@@ -76,9 +76,7 @@ def chromium_path() -> str | None:
 
 @pytest.fixture
 def browser():
-    sync_api = pytest.importorskip(
-        "playwright.sync_api", reason="playwright is not installed (pip install playwright)"
-    )
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
     executable = chromium_path()
     if executable is None:
         pytest.skip("no Chromium found (apt-get install chromium, or set MOSAIC_CHROMIUM)")
@@ -119,8 +117,7 @@ def test_page_in_a_headless_browser(browser, page_and_report):
     assert [entry_positions(card) for card in cards] == expected_positions(report, 5, 0)
     assert all(positions for positions in expected_positions(report, 5, 0))
     slot_rows = [
-        len(card.query_selector_all("tr.slot"))
-        for card in page.query_selector_all(".persistent-cards .head-card")
+        len(card.query_selector_all("tr.slot")) for card in page.query_selector_all(".persistent-cards .head-card")
     ]
     assert slot_rows == [3, 3, 3]
 

@@ -46,9 +46,7 @@ def test_weights_times_values_is_the_models_retrieval(make_mosaic):
     _, captured = _forward_with_hooks(model, torch.tensor([ids_of(17)]))
     keys, values = captured[1]["context"]["keys"], captured[1]["context"]["values"]
     ours = context_weights(keys, shift=2) @ values
-    torch.testing.assert_close(
-        ours, context_retrieval_reference(keys[None], values[None], 2)[0], rtol=0, atol=1e-13
-    )
+    torch.testing.assert_close(ours, context_retrieval_reference(keys[None], values[None], 2)[0], rtol=0, atol=1e-13)
     torch.testing.assert_close(ours, context_retrieval(keys[None], values[None], 2)[0], rtol=0, atol=1e-12)
     # The check can fail: the weights of a wrong shift do not rebuild the model's retrieval.
     wrong = context_weights(keys, shift=1) @ values
@@ -136,6 +134,4 @@ def test_leaves_training_mode_as_it_was(make_mosaic):
     first = inspect_sequence(model, ids_of(10))
     second = inspect_sequence(model, ids_of(10))
     assert model.training
-    torch.testing.assert_close(
-        first.layers[0].context.weights, second.layers[0].context.weights
-    )  # no dropout
+    torch.testing.assert_close(first.layers[0].context.weights, second.layers[0].context.weights)  # no dropout

@@ -57,10 +57,7 @@ def parameter_svg(report: dict[str, Any], kind: str, field: str, label: str, top
     high = top if top is not None else max(finite, default=1.0) or 1.0
     cell_w, cell_h, left, head_h = 52, 22, 58, 18
     width, height = left + cell_w * len(rows[0]), head_h + cell_h * len(rows)
-    parts = [
-        f'<svg class="params" width="{width}" height="{height + 4}" '
-        f'role="img" aria-label="{html.escape(label)}">'
-    ]
+    parts = [f'<svg class="params" width="{width}" height="{height + 4}" role="img" aria-label="{html.escape(label)}">']
     for h in range(len(rows[0])):
         parts.append(f'<text x="{left + cell_w * h + cell_w / 2}" y="12" class="axis">head {h}</text>')
     for layer, row in enumerate(values):
@@ -71,9 +68,7 @@ def parameter_svg(report: dict[str, Any], kind: str, field: str, label: str, top
             shade = 1.0 if value is None else value / high
             shown = "inf" if value is None else f"{value:.3g}"
             head = rows[layer][h]
-            tooltip = ", ".join(
-                f"{k} {v if v is not None else 'inf'}" for k, v in head.items() if k != "head"
-            )
+            tooltip = ", ".join(f"{k} {v if v is not None else 'inf'}" for k, v in head.items() if k != "head")
             ink = "#fff" if shade > 0.55 else "#111"
             parts.append(
                 f"<g><title>layer {layer} head {h}: {html.escape(tooltip)}</title>"
@@ -172,8 +167,8 @@ h1 { font-size: 1.4em; margin: 0 0 .3em; } h2 { font-size: 1.1em; margin: 1.2em 
 .facts dt { color: #555; } .facts dd { margin: 0; font-family: monospace; }
 .hint { color: #555; font-size: 12px; margin: .2em 0 .5em; }
 .strip { font-family: monospace; line-height: 2; border: 1px solid #ccc; padding: .5em; background: #fff; }
-.tok { white-space: pre; padding: 2px 1px; margin: 0 1px; border-radius: 3px; cursor: pointer;
-  border-bottom: 2px solid transparent; }
+.tok { display: inline-block; white-space: pre; padding: 0 1px; margin: 0 1px; border-radius: 3px;
+  cursor: pointer; border-bottom: 2px solid transparent; }
 .tok.shown { outline: 2px solid #e4572e; } .tok.pinned { border-bottom-color: #e4572e; }
 .layers button { margin: .6em .3em .6em 0; padding: .2em .7em; border: 1px solid #999;
   background: #fff; border-radius: 3px; cursor: pointer; }
@@ -224,6 +219,10 @@ function fmt(x, digits) {
   if (x === null || x === undefined) return "inf";
   return Number(x).toFixed(digits === undefined ? 3 : digits);
 }
+function fmtProb(p) {
+  if (p === null) return "?";
+  return p > 0 && p < 0.001 ? Number(p).toExponential(1) : Number(p).toFixed(3);
+}
 function visible(text) { return text.replace(/\n/g, "\u21b5").replace(/\t/g, "\u21e5"); }
 
 const strip = document.getElementById("strip");
@@ -232,11 +231,12 @@ const tokenNodes = R.tokens.map(tok => {
   node.dataset.position = tok.position;
   const p = R.predictions[tok.position].next_prob;
   node.title = "position " + tok.position + ", id " + tok.id +
-    (p === null ? "" : ", p(next token) " + fmt(p));
+    (p === null ? "" : ", p(next token) " + fmtProb(p));
   node.addEventListener("mouseenter", () => render(tok.position));
   node.addEventListener("mouseleave", () => render(pinned));
   node.addEventListener("click", () => { pinned = tok.position; render(pinned); });
   strip.appendChild(node);
+  if (tok.text.includes("\n")) strip.appendChild(document.createElement("br"));
   return node;
 });
 
@@ -289,13 +289,18 @@ function weightBar(weight) {
   return bar;
 }
 
-function contextCard(head, params) {
-  const card = el("div", "head-card context");
+function headCard(kind, head, params, extra) {
+  const card = el("div", "head-card " + kind);
   card.dataset.head = head.head;
-  card.appendChild(el("h4", "", "context head " + head.head));
+  card.appendChild(el("h4", "", kind + " head " + head.head));
   card.appendChild(el("div", "meta", "decay \u03b2 " + fmt(params.decay) +
     " \u00b7 retention " + fmt(params.retention) + " \u00b7 half-life " + fmt(params.half_life, 1) +
-    " \u00b7 key scale " + fmt(params.key_scale)));
+    " \u00b7 key scale " + fmt(params.key_scale) + extra));
+  return card;
+}
+
+function contextCard(head, params) {
+  const card = headCard("context", head, params, "");
   if (!head.entries.length) {
     card.appendChild(el("p", "empty", "nothing stored yet: position " + shown + " < shift " + SHIFT));
   } else {
@@ -319,12 +324,7 @@ function contextCard(head, params) {
 }
 
 function persistentCard(head, params) {
-  const card = el("div", "head-card persistent");
-  card.dataset.head = head.head;
-  card.appendChild(el("h4", "", "persistent head " + head.head));
-  card.appendChild(el("div", "meta", "decay \u03b2 " + fmt(params.decay) +
-    " \u00b7 retention " + fmt(params.retention) + " \u00b7 key scale " + fmt(params.key_scale) +
-    " \u00b7 output norm " + fmt(head.output_norm)));
+  const card = headCard("persistent", head, params, " \u00b7 output norm " + fmt(head.output_norm));
   const table = el("table");
   table.appendChild(row([cell("weight"), cell(""), cell("contrib."), cell("table"), cell("slot")]));
   head.slots.forEach(s => {
@@ -345,11 +345,12 @@ function renderDetails() {
   const tok = R.tokens[shown], pred = R.predictions[shown];
   box.appendChild(el("h3", "", "Position " + shown + ": \u201c" + visible(tok.text) + "\u201d (id " +
     tok.id + "), layer " + layer));
-  const guesses = pred.top.map(p => "\u201c" + visible(p.text) + "\u201d " + fmt(p.prob)).join("   ");
+  const guesses = pred.top.map(p => "\u201c" + visible(p.text) + "\u201d " + fmtProb(p.prob)).join("   ");
   box.appendChild(el("p", "predict", "model predicts: " + guesses));
   if (pred.next_id !== null) {
     const actual = visible(R.tokens[shown + 1].text);
-    box.appendChild(el("p", "predict", "actual next: \u201c" + actual + "\u201d p = " + fmt(pred.next_prob)));
+    const p = fmtProb(pred.next_prob);
+    box.appendChild(el("p", "predict", "actual next: \u201c" + actual + "\u201d p = " + p));
   }
   const here = R.retrievals[shown][layer];
   box.appendChild(el("h4", "", "Context memory: stored entries retrieved"));

@@ -39,8 +39,7 @@ DEFINITIONS = {
     "decay": "beta_h = 10 |theta_h|; the leaky key average keeps exp(-beta_h) of its previous value per step",
     "half_life": "ln 2 / beta_h: steps after which a past input's weight in the key has halved",
     "key_scale": "s_h^p, the factor on the unit-norm key (p = 1 context, 2 persistent)",
-    "bandwidth": "1 / key_scale: width of the Gaussian kernel exp(-|k_t - k_s|^2 / (2 bandwidth^2)) "
-    "on unit keys",
+    "bandwidth": "1 / key_scale: width of the Gaussian kernel exp(-|k_t - k_s|^2 / (2 bandwidth^2)) on unit keys",
     "value_scale": "exp(10 gamma_h): the norm of a context value, or the persistent memory's output scale",
     "entry position s": "the entry stores key k_s (a summary of tokens <= s) and a value that looks "
     "shift steps ahead, at token s + shift: retrieving it recalls what followed position s",
@@ -63,9 +62,7 @@ def _slot(persistent: PersistentInspection, flat_index: int) -> tuple[int, int]:
     return divmod(int(flat_index), persistent.size)
 
 
-def build_report(
-    inspection: Inspection, describe: Callable[[int], str], meta: dict[str, Any]
-) -> dict[str, Any]:
+def build_report(inspection: Inspection, describe: Callable[[int], str], meta: dict[str, Any]) -> dict[str, Any]:
     """The whole inspection as a dict; `describe` shows a token id as text, `meta` is copied in."""
     ids = inspection.ids
     length = len(ids)
@@ -85,9 +82,7 @@ def build_report(
             for layer, item in enumerate(inspection.layers)
         ],
         "retrievals": [[_layer_at(item, t) for item in inspection.layers] for t in range(length)],
-        "slot_usage": [
-            _slot_usage(item.persistent) if item.persistent else None for item in inspection.layers
-        ],
+        "slot_usage": [_slot_usage(item.persistent) if item.persistent else None for item in inspection.layers],
         "check": {"max_abs_error": inspection.max_error},
     }
 
@@ -151,9 +146,7 @@ def _layer_at(item, t: int) -> dict[str, Any]:
             ):
                 table, slot = _slot(persistent, flat)
                 slots.append({"table": table, "slot": slot, "weight": _round(w), "contribution": _round(c)})
-            persistent_heads.append(
-                {"head": h, "slots": slots, "output_norm": _round(persistent.output_norm[h, t])}
-            )
+            persistent_heads.append({"head": h, "slots": slots, "output_norm": _round(persistent.output_norm[h, t])})
     return {"context": context_heads, "persistent": persistent_heads}
 
 

@@ -118,9 +118,7 @@ def inspect_sequence(model: MemoryMosaic, ids: list[int], top_k: int = 5) -> Ins
     return Inspection(list(ids), shift, logits[0].float(), layers)
 
 
-def _forward_with_hooks(
-    model: MemoryMosaic, idx: Tensor
-) -> tuple[Tensor, list[dict[str, dict[str, Tensor]]]]:
+def _forward_with_hooks(model: MemoryMosaic, idx: Tensor) -> tuple[Tensor, list[dict[str, dict[str, Tensor]]]]:
     """The model's forward pass, keeping each memory's keys, values and output (batch row 0)."""
     captured: list[dict[str, dict[str, Tensor]]] = [{"context": {}, "persistent": {}} for _ in model.blocks]
     handles = []
@@ -202,9 +200,7 @@ def _inspect_context(memory, captured: dict[str, Tensor], shift: int, top_k: int
     admissible = index <= (steps[None, :, None] - shift)
     index = torch.where(admissible, index, -1)
     weight = torch.where(admissible, weight, 0.0)
-    contribution = weight * torch.gather(
-        value_norms[:, None, :].expand(-1, length, -1), 2, index.clamp(min=0)
-    )
+    contribution = weight * torch.gather(value_norms[:, None, :].expand(-1, length, -1), 2, index.clamp(min=0))
 
     distance = (steps[:, None] - steps[None, :]).clamp(min=0).double()
     entropy = -(weights * torch.log(weights.clamp(min=1e-300))).sum(-1)
@@ -229,9 +225,7 @@ def _inspect_persistent(memory, captured: dict[str, Tensor], top_k: int) -> Pers
     # Each table's softmax divided by the number of tables: one distribution over every slot.
     weights = torch.softmax(torch.einsum("htd,chpd->chtp", queries, memory_keys), dim=-1) / count
     weights = weights.permute(1, 2, 0, 3).reshape(n_head, queries.shape[1], count * size)  # (H, T, count*P)
-    slot_values = (
-        memory_values.permute(1, 0, 2, 3).reshape(n_head, count * size, -1) * out_scale[:, None, None]
-    )
+    slot_values = memory_values.permute(1, 0, 2, 3).reshape(n_head, count * size, -1) * out_scale[:, None, None]
     read = weights @ slot_values  # (H, T, d)
     maps = head_output_maps(memory.c_proj.weight, n_head)
     head_out = torch.einsum("hcd,htd->htc", maps, read)

@@ -24,9 +24,7 @@ def find_model_folder(path: str | os.PathLike[str]) -> Path:
     """The folder holding config.json: `path` itself, `path/checkpoint`, or its only subfolder with one."""
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(
-            f"checkpoint {path} does not exist; pass a folder written by save_pretrained or a run"
-        )
+        raise CheckpointError(f"checkpoint {path} does not exist; pass a folder written by save_pretrained or a run")
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path} is a file; pass the folder that holds {CONFIG_FILE}")
     if (path / CONFIG_FILE).is_file():
@@ -80,9 +78,7 @@ def parse_ids(text: str, vocab_size: int) -> list[int]:
         try:
             ids.append(int(item))
         except ValueError:
-            raise MosaicError(
-                f"--ids: {item!r} is not an integer; pass comma-separated token ids like 1,2,3"
-            ) from None
+            raise MosaicError(f"--ids: {item!r} is not an integer; pass comma-separated token ids like 1,2,3") from None
     return check_ids(ids, vocab_size, "--ids")
 
 
