@@ -21,9 +21,7 @@ def docs(spec, **kwargs):
 
 def test_txt_with_endoftext_lines(tmp_path):
     path = tmp_path / "a.txt"
-    path.write_text(
-        "First story.\n\nStill first.\n<|endoftext|>\nSecond <|endoftext|> inline.\n<|endoftext|>\n\n"
-    )
+    path.write_text("First story.\n\nStill first.\n<|endoftext|>\nSecond <|endoftext|> inline.\n<|endoftext|>\n\n")
     assert docs(path) == ["First story.\n\nStill first.", "Second <|endoftext|> inline."]
 
 

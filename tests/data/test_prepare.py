@@ -114,9 +114,7 @@ def test_prepare_python_stdlib_slice(tmp_path, capsys):
 @pytest.mark.skipif(not (GPT2_DIR / "encoder.json").is_file(), reason=f"no GPT-2 files in {GPT2_DIR}")
 def test_prepare_gpt2_offline(tmp_path, corpus, capsys):
     out = tmp_path / "data"
-    code, _, _ = prepare(
-        capsys, "--data", corpus, "--tokenizer", "gpt2", "--gpt2-dir", GPT2_DIR, "--out", out
-    )
+    code, _, _ = prepare(capsys, "--data", corpus, "--tokenizer", "gpt2", "--gpt2-dir", GPT2_DIR, "--out", out)
     assert code == 0
     data = PreparedData.open(out)
     assert data.eot_id == 50256 and data.split("train").dtype == np.uint16
@@ -180,9 +178,7 @@ def test_unknown_tokenizer_and_unwritable_out(tmp_path, corpus, capsys):
     with pytest.raises(TokenizerError, match="unknown tokenizer 'wordpiece'"):
         prepare_dataset(str(corpus), tmp_path / "o", "wordpiece")
     (tmp_path / "a_file").write_text("x")
-    code, _, err = prepare(
-        capsys, "--data", corpus, "--tokenizer", "byte", "--out", tmp_path / "a_file" / "sub"
-    )
+    code, _, err = prepare(capsys, "--data", corpus, "--tokenizer", "byte", "--out", tmp_path / "a_file" / "sub")
     assert code == 2 and "cannot write --out" in err
     code, _, err = prepare(capsys, "--data", corpus, "--tokenizer", "byte", "--out", tmp_path / "a_file")
     assert code == 2 and "is not a folder" in err

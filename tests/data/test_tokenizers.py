@@ -99,9 +99,7 @@ def test_bpe_ids_match_hugging_face_reading_the_saved_file(tmp_path):
 
 
 @settings(max_examples=100, deadline=None)
-@given(
-    st.text(alphabet=st.sampled_from("the cat sat on mat.\n 猫はマ'sé😀"), max_size=60) | st.text(max_size=30)
-)
+@given(st.text(alphabet=st.sampled_from("the cat sat on mat.\n 猫はマ'sé😀"), max_size=60) | st.text(max_size=30))
 def test_bpe_ids_match_hugging_face_property(bpe, bpe_reference, text):
     assert bpe.encode(text) == bpe_reference(text)
 

@@ -29,9 +29,7 @@ def register(subparsers) -> None:
         metavar="SRC",
         help="a separate validation corpus (default: hold out --val-fraction of --data)",
     )
-    parser.add_argument(
-        "--tokenizer", required=True, choices=KINDS, help="gpt2, a bpe trained on --data, or byte"
-    )
+    parser.add_argument("--tokenizer", required=True, choices=KINDS, help="gpt2, a bpe trained on --data, or byte")
     parser.add_argument(
         "--vocab-size", type=int, metavar="N", help=f"bpe vocabulary size (default {DEFAULT_BPE_VOCAB})"
     )
@@ -40,17 +38,11 @@ def register(subparsers) -> None:
         metavar="DIR",
         help=f"folder with GPT-2's encoder.json and vocab.bpe, for offline use (or set {GPT2_ENV})",
     )
-    parser.add_argument(
-        "--val-fraction", type=float, default=0.05, metavar="F", help="share of documents held out"
-    )
-    parser.add_argument(
-        "--max-docs", type=int, metavar="N", help="keep only the first N documents of each source"
-    )
+    parser.add_argument("--val-fraction", type=float, default=0.05, metavar="F", help="share of documents held out")
+    parser.add_argument("--max-docs", type=int, metavar="N", help="keep only the first N documents of each source")
     parser.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
     parser.add_argument("--text-field", default="text", help="the field holding the text in .jsonl files")
-    parser.add_argument(
-        "--format", default="auto", choices=FORMATS, help="how to read files (auto: by suffix)"
-    )
+    parser.add_argument("--format", default="auto", choices=FORMATS, help="how to read files (auto: by suffix)")
     parser.add_argument("--out", required=True, metavar="DIR", help="the folder to write")
     parser.add_argument("--force", action="store_true", help="replace --out if it exists and is not empty")
     parser.add_argument("--json", metavar="F", help="also write the manifest to this JSON file")

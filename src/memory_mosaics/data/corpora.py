@@ -50,9 +50,7 @@ class Corpus:
     num_documents: int | None = None  # when known in advance (for progress bars)
 
 
-def open_corpus(
-    spec: str, *, text_field: str = "text", fmt: str = "auto", cache_dir: Path | None = None
-) -> Corpus:
+def open_corpus(spec: str, *, text_field: str = "text", fmt: str = "auto", cache_dir: Path | None = None) -> Corpus:
     """Resolve `spec` (a path or a built-in name, see the module docstring) to a Corpus."""
     if fmt not in FORMATS:
         raise CorpusError(f"unknown corpus format {fmt!r}: choose one of {', '.join(FORMATS)}")
@@ -66,25 +64,19 @@ def open_corpus(
         return babistories_corpus(split or "train", cache_dir or Path.home() / ".cache" / "memory-mosaics")
     if path.is_dir():
         files = sorted(
-            p
-            for p in path.rglob("*")
-            if p.is_file() and p.suffix in (".txt", ".jsonl") and not p.name.startswith(".")
+            p for p in path.rglob("*") if p.is_file() and p.suffix in (".txt", ".jsonl") and not p.name.startswith(".")
         )
         if not files:
             raise CorpusError(f"corpus folder {path} holds no .txt or .jsonl files")
         readers = [_file_reader(p, text_field, fmt) for p in files]
-        return Corpus(
-            f"folder {path} ({len(files)} files)", lambda: (doc for read in readers for doc in read())
-        )
+        return Corpus(f"folder {path} ({len(files)} files)", lambda: (doc for read in readers for doc in read()))
     if path.is_file():
         if path.stat().st_size == 0:
             raise CorpusError(f"corpus file {path} is empty")
         return Corpus(f"file {path}", _file_reader(path, text_field, fmt))
     if path.exists():
         raise CorpusError(f"corpus {spec!r} is neither a regular file nor a folder")
-    raise CorpusError(
-        f"corpus {spec!r} not found: it is not a file, a folder, or a built-in name ({', '.join(NAMED)})"
-    )
+    raise CorpusError(f"corpus {spec!r} not found: it is not a file, a folder, or a built-in name ({', '.join(NAMED)})")
 
 
 def _file_reader(path: Path, text_field: str, fmt: str) -> Callable[[], Iterator[str]]:
@@ -162,9 +154,7 @@ def python_stdlib_corpus() -> Corpus:
                 yield text
 
     version = ".".join(map(str, sys.version_info[:3]))
-    return Corpus(
-        f"python-stdlib: {len(files)} .py files under {root} (Python {version})", documents, len(files)
-    )
+    return Corpus(f"python-stdlib: {len(files)} .py files under {root} (Python {version})", documents, len(files))
 
 
 def tinystories_corpus(split: str) -> Corpus:
@@ -183,12 +173,9 @@ def tinystories_corpus(split: str) -> Corpus:
         rows = datasets.load_dataset(TINYSTORIES_HUB_ID, split=split)
     except Exception as err:  # hub, network and cache failures come as many types
         raise CorpusError(
-            f"could not load {TINYSTORIES_HUB_ID} split {split!r} ({type(err).__name__}: {err}); "
-            + offline_hint
+            f"could not load {TINYSTORIES_HUB_ID} split {split!r} ({type(err).__name__}: {err}); " + offline_hint
         ) from err
-    return Corpus(
-        f"tinystories: {TINYSTORIES_HUB_ID} split {split}", lambda: (r["text"] for r in rows), len(rows)
-    )
+    return Corpus(f"tinystories: {TINYSTORIES_HUB_ID} split {split}", lambda: (r["text"] for r in rows), len(rows))
 
 
 def babistories_corpus(split: str, cache_dir: Path) -> Corpus:

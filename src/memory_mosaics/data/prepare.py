@@ -84,9 +84,7 @@ def prepare_dataset(
                     if is_validation(index, seed, val_fraction) == (split == "val"):
                         yield doc
             else:
-                yield from _limited(
-                    train_corpus if split == "train" else val_corpus, max_docs, progress, label
-                )
+                yield from _limited(train_corpus if split == "train" else val_corpus, max_docs, progress, label)
 
         texts = documents("train", "training bpe") if tokenizer == "bpe" else None
         tok = make_tokenizer(tokenizer, vocab_size=vocab_size, texts=texts, gpt2_dir=gpt2_dir)
@@ -126,23 +124,15 @@ def prepare_dataset(
 def _check_arguments(tokenizer, vocab_size, val, val_fraction, max_docs) -> None:
     if tokenizer not in KINDS:
         raise TokenizerError(f"unknown tokenizer {tokenizer!r}: choose one of {', '.join(KINDS)}")
-    if (
-        tokenizer == "bpe"
-        and vocab_size is not None
-        and not BPE_VOCAB_RANGE[0] <= vocab_size <= BPE_VOCAB_RANGE[1]
-    ):
+    if tokenizer == "bpe" and vocab_size is not None and not BPE_VOCAB_RANGE[0] <= vocab_size <= BPE_VOCAB_RANGE[1]:
         raise TokenizerError(
             f"--vocab-size {vocab_size} is out of range: a BPE vocabulary needs "
             f"{BPE_VOCAB_RANGE[0]}..{BPE_VOCAB_RANGE[1]}"
         )
     if tokenizer != "bpe" and vocab_size is not None:
-        raise TokenizerError(
-            f"--vocab-size applies to --tokenizer bpe only (the {tokenizer} vocabulary is fixed)"
-        )
+        raise TokenizerError(f"--vocab-size applies to --tokenizer bpe only (the {tokenizer} vocabulary is fixed)")
     if val is None and not 0.0 < val_fraction < 1.0:
-        raise DataError(
-            f"--val-fraction {val_fraction} is out of range: it must lie strictly between 0 and 1"
-        )
+        raise DataError(f"--val-fraction {val_fraction} is out of range: it must lie strictly between 0 and 1")
     if max_docs is not None and max_docs < 1:
         raise DataError(f"--max-docs {max_docs} must be at least 1")
 
@@ -151,9 +141,7 @@ def _make_staging_folder(out: Path, force: bool) -> Path:
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not force:
-        raise DataError(
-            f"--out {out} exists and is not empty: refusing to overwrite it (pass --force to replace it)"
-        )
+        raise DataError(f"--out {out} exists and is not empty: refusing to overwrite it (pass --force to replace it)")
     staging = out.with_name(f".{out.name}.partial-{os.getpid()}")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -265,9 +253,7 @@ class PreparedData:
     def split(self, name: str) -> np.ndarray:
         """The 1-D token stream of split `name` ("train" or "val"), memory-mapped read-only."""
         if name not in self.manifest["splits"]:
-            raise DataError(
-                f"{self.path} has no split {name!r} (it has {', '.join(self.manifest['splits'])})"
-            )
+            raise DataError(f"{self.path} has no split {name!r} (it has {', '.join(self.manifest['splits'])})")
         shards = [
             read_shard(self.path / s["file"], self.tokenizer.fingerprint())
             for s in self.manifest["splits"][name]["shards"]
@@ -301,9 +287,7 @@ def _read_manifest(path: Path) -> dict:
                 assert isinstance(shard["file"], str) and Path(shard["file"]).name == shard["file"]
                 assert isinstance(shard["tokens"], int) and isinstance(shard["bytes"], int)
     except (KeyError, TypeError, AssertionError) as err:
-        raise ShardError(
-            f"{file} is malformed (missing or wrong field near {err!s}); prepare the data again"
-        ) from err
+        raise ShardError(f"{file} is malformed (missing or wrong field near {err!s}); prepare the data again") from err
     return manifest
 
 
@@ -333,10 +317,6 @@ def _check_shard(path: Path, shard: dict, fingerprint: str, verify: bool) -> Non
             f"{fingerprint!r}; prepare the data again"
         )
     if header["count"] != shard["tokens"]:
-        raise ShardError(
-            f"token shard {file} holds {header['count']} tokens, its manifest says {shard['tokens']}"
-        )
+        raise ShardError(f"token shard {file} holds {header['count']} tokens, its manifest says {shard['tokens']}")
     if verify and "sha256" in shard and _sha256(file) != shard["sha256"]:
-        raise ShardError(
-            f"token shard {file} is corrupt: its sha256 differs from {path / MANIFEST}; prepare again"
-        )
+        raise ShardError(f"token shard {file} is corrupt: its sha256 differs from {path / MANIFEST}; prepare again")

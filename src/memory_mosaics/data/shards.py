@@ -123,23 +123,17 @@ def read_shard_header(path: str | os.PathLike[str]) -> dict:
     with open(path, "rb") as f:
         head = f.read(HEADER_SIZE)
     if len(head) < HEADER_SIZE:
-        raise ShardError(
-            f"token shard {path} is truncated: {size} bytes, shorter than its {HEADER_SIZE}-byte header"
-        )
+        raise ShardError(f"token shard {path} is truncated: {size} bytes, shorter than its {HEADER_SIZE}-byte header")
     magic, version, code, count, raw_fp = _HEADER.unpack_from(head)
     if magic != MAGIC:
-        raise ShardError(
-            f"{path} is not a mosaic token shard (bad magic bytes {magic!r}); prepare the data again"
-        )
+        raise ShardError(f"{path} is not a mosaic token shard (bad magic bytes {magic!r}); prepare the data again")
     if version != FORMAT_VERSION:
         raise ShardError(
             f"token shard {path} has format version {version}; this version reads {FORMAT_VERSION}: "
             "upgrade memory-mosaics or prepare the data again"
         )
     if code not in _DTYPES:
-        raise ShardError(
-            f"token shard {path} has unknown dtype code {code} (expected 2 or 4): the file is corrupt"
-        )
+        raise ShardError(f"token shard {path} has unknown dtype code {code} (expected 2 or 4): the file is corrupt")
     expected = HEADER_SIZE + count * code
     if size != expected:
         what = "truncated" if size < expected else "longer than its header says"

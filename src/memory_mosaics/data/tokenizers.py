@@ -296,9 +296,7 @@ class BPETokenizer(_TiktokenBPE):
         first_merge_id = len(vocab) - len(merges)
         pairs = [m.split(" ") if isinstance(m, str) else m for m in merges]
         if any(vocab.get("".join(pair)) != first_merge_id + i for i, pair in enumerate(pairs)):
-            raise TokenizerError(
-                "the BPE tokenizer's ids do not follow its merge order; it was not made by mosaic"
-            )
+            raise TokenizerError("the BPE tokenizer's ids do not follow its merge order; it was not made by mosaic")
         try:
             ranks = {_to_bytes(token): i for token, i in vocab.items() if token != EOT_TEXT}
         except KeyError as err:
@@ -353,9 +351,7 @@ class BPETokenizer(_TiktokenBPE):
 def check_bpe_vocab_size(vocab_size: int) -> None:
     low, high = BPE_VOCAB_RANGE
     if not isinstance(vocab_size, int) or not low <= vocab_size <= high:
-        raise TokenizerError(
-            f"--vocab-size {vocab_size} is out of range: a BPE vocabulary needs {low}..{high}"
-        )
+        raise TokenizerError(f"--vocab-size {vocab_size} is out of range: a BPE vocabulary needs {low}..{high}")
 
 
 def make_tokenizer(
