@@ -66,7 +66,7 @@ def test_byte_and_bpe_round_trip_hard_texts(text, bpe):
         assert tok.decode(ids) == text
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(st.text())
 def test_byte_round_trip_property(text):
     tok = ByteTokenizer()
@@ -74,7 +74,7 @@ def test_byte_round_trip_property(text):
     assert len(tok.encode(text)) == len(text.encode("utf-8"))
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(st.text())
 def test_bpe_round_trip_property(bpe, text):
     assert bpe.decode(bpe.encode(text)) == text
