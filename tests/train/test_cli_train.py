@@ -55,12 +55,7 @@ def test_train_writes_metrics_plot_and_checkpoint(tiny_data, tmp_path, capsys):
 def test_gpt_and_yaml_config(tiny_data, tmp_path):
     config = tmp_path / "cfg.yaml"
     config.write_text("model: gpt\nn_layer: 1\nn_head: 2\nn_embd: 16\nblock_size: 16\nlr: 5e-3\n")
-    assert (
-        main(
-            ["train", "--data", str(tiny_data), "--out", str(tmp_path / "g"), "--config", str(config), *FAST]
-        )
-        == 0
-    )
+    assert main(["train", "--data", str(tiny_data), "--out", str(tmp_path / "g"), "--config", str(config), *FAST]) == 0
     saved = json.loads((tmp_path / "g" / "run_config.json").read_text())
     assert saved["model_type"] == "gpt" and saved["train_config"]["lr"] == 5e-3
     assert saved["model_config"]["n_embd"] == 16
@@ -69,9 +64,7 @@ def test_gpt_and_yaml_config(tiny_data, tmp_path):
 def test_list_presets(capsys):
     assert main(["train", "--list-presets"]) == 0
     names = capsys.readouterr().out.split()
-    assert {"tinystories-cpu", "gpt-tinystories-cpu", "babistories-paper", "gpt-babistories-paper"} <= set(
-        names
-    )
+    assert {"tinystories-cpu", "gpt-tinystories-cpu", "babistories-paper", "gpt-babistories-paper"} <= set(names)
 
 
 @pytest.fixture(scope="module")
@@ -124,9 +117,7 @@ def test_unwritable_output(tiny_data, tmp_path, capsys):
 
 def test_existing_run_needs_resume_and_resume_needs_a_checkpoint(tiny_data, bpe_data, tmp_path, capsys):
     run = tmp_path / "run"
-    assert (
-        main(["train", "--data", str(tiny_data), "--out", str(run), *FAST, *TINY_FLAGS, "--stop-at=2"]) == 0
-    )
+    assert main(["train", "--data", str(tiny_data), "--out", str(run), *FAST, *TINY_FLAGS, "--stop-at=2"]) == 0
     capsys.readouterr()
     before = snapshot(run)
 
@@ -154,6 +145,8 @@ def test_existing_run_needs_resume_and_resume_needs_a_checkpoint(tiny_data, bpe_
 def test_resume_through_the_cli_continues_to_max_steps(tiny_data, tmp_path, capsys):
     run = tmp_path / "run"
     assert mosaic_train(tiny_data, run, "--stop-at=2") == 0
+    with (run / "metrics.jsonl").open("a") as f:  # rows written after the checkpoint, one cut short by a crash
+        f.write('{"kind": "train", "step": 3, "loss": 1.0}\n{"kind": "train", "st')
     assert mosaic_train(tiny_data, run, "--resume") == 0
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2, 3, 4]

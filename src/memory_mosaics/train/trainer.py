@@ -71,6 +71,14 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
+def _row_step(line: str) -> int | None:
+    """The step of a metrics.jsonl line, or None for a line cut short by a crash."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -90,9 +98,7 @@ def check_new_run_dir(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise MosaicError(f"--out {out} exists and is not a folder; choose another --out")
     if out.is_dir() and any(out.iterdir()):
-        what = (
-            "a training run" if (out / "metrics.jsonl").exists() or (out / ckpt.LATEST).exists() else "files"
-        )
+        what = "a training run" if (out / "metrics.jsonl").exists() or (out / ckpt.LATEST).exists() else "files"
         raise MosaicError(
             f"--out {out} already holds {what}; pass --resume to continue it, or choose another --out "
             "(nothing was overwritten)"
@@ -137,9 +143,7 @@ def check_seq_len(seq_len: int, block_size: int) -> None:
         )
 
 
-def check_resume_settings(
-    saved: TrainConfig, wanted: TrainConfig, model_settings: dict, model_config
-) -> None:
+def check_resume_settings(saved: TrainConfig, wanted: TrainConfig, model_settings: dict, model_config) -> None:
     """A resumed run computes what the original run would have; refuse settings that would differ."""
     saved_d, wanted_d = saved.to_dict(), wanted.to_dict()
     for key, value in wanted_d.items():
@@ -194,6 +198,8 @@ class Trainer:
         if stop_at is not None and stop_at <= 0:
             raise ConfigError(f"--stop-at must be > 0, got {stop_at}")
         self.stop_at = stop_at
+        # Every process checks the output folder before the first one creates it.
+        distrib.barrier(self.ctx)
         self._build()
 
     def _prepare_resume(self) -> Path:
@@ -203,7 +209,8 @@ class Trainer:
             saved = TrainConfig.from_dict(state["train_config"])
         except (KeyError, ConfigError) as err:
             raise CheckpointError(f"{folder / ckpt.STATE_FILE} has no valid train_config ({err})") from None
-        self.model_config = ckpt.load_model(folder).config
+        self.resumed_model = ckpt.load_model(folder)
+        self.model_config = self.resumed_model.config
         check_resume_settings(saved, self.config, self.model_settings, self.model_config)
         saved_fp = state.get("data", {}).get("tokenizer_fingerprint")
         if saved_fp != self.data.tokenizer.fingerprint():
@@ -220,7 +227,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # same initial weights on every process
         model_cls, _ = model_classes(cfg.model)
         if self.resume_from is not None:
-            self.model = ckpt.load_model(self.resume_from, self.device)
+            self.model = self.resumed_model.to(self.device)
         else:
             self.model = model_cls(self.model_config).to(self.device)
         self.optimizer = make_optimizer(self.model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
@@ -327,8 +334,8 @@ class Trainer:
         """metrics.jsonl for appending; on resume, rows after the checkpoint's step are dropped first."""
         path = self.out / "metrics.jsonl"
         if self.resume_from is not None and path.exists():
-            kept = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-            kept = [line for line in kept if json.loads(line).get("step", 0) <= self.step]
+            kept = [line for line in path.read_text(encoding="utf-8").splitlines() if _row_step(line) is not None]
+            kept = [line for line in kept if _row_step(line) <= self.step]
             tmp = path.with_name(path.name + ".tmp")
             tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
             tmp.replace(path)
@@ -391,9 +398,7 @@ class Trainer:
         """The step's loss averaged over processes; a non-finite loss stops the run with a hint."""
         value = distrib.all_reduce_sum(self.ctx, [loss.item()], self.device)[0] / self.ctx.world_size
         if not math.isfinite(value):
-            raise MosaicError(
-                f"training loss became {value} at step {self.step}; lower --lr or use --dtype float32"
-            )
+            raise MosaicError(f"training loss became {value} at step {self.step}; lower --lr or use --dtype float32")
         return value
 
     def _count_time(self, seconds: float) -> None:
@@ -420,9 +425,7 @@ class Trainer:
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{self._rate():,.0f}")
 
     def _log_val(self, val: float) -> None:
-        self._emit(
-            {"kind": "val", "step": self.step, "val_loss": val, "val_perplexity": math.exp(min(val, 50.0))}
-        )
+        self._emit({"kind": "val", "step": self.step, "val_loss": val, "val_perplexity": math.exp(min(val, 50.0))})
         self.result.last_val_loss = val
 
     def _emit(self, row: dict) -> None:
@@ -455,9 +458,7 @@ def train(
     progress: bool = True,
 ) -> TrainResult:
     """Train a model on prepared data (see `mosaic prepare`) into the run folder `out`."""
-    trainer = Trainer(
-        data_dir, out, config, model_settings, resume=resume, stop_at=stop_at, progress=progress
-    )
+    trainer = Trainer(data_dir, out, config, model_settings, resume=resume, stop_at=stop_at, progress=progress)
     try:
         return trainer.run()
     finally:
