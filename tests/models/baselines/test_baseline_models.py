@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from memory_mosaics.models.base import load
 from memory_mosaics.models.baselines import BASELINE_NAMES, build_baseline
 
 VOCAB = 11
@@ -96,7 +97,8 @@ def test_untied_head_has_its_own_weights(name):
     untied = tiny_model(name, tie_weights=False)
     assert tied.lm_head.weight is tied.wte.weight
     assert untied.lm_head.weight is not untied.wte.weight
-    assert untied.num_params() == tied.num_params() + VOCAB * TINY[name]["n_embd"]
+    extra = VOCAB * TINY[name]["n_embd"]
+    assert untied.num_params(non_embedding=False) == tied.num_params(non_embedding=False) + extra
 
 
 @pytest.mark.parametrize("name", sorted(FORMS))
@@ -125,3 +127,15 @@ def test_bfloat16_autocast_runs_and_stays_close(name):
         low, loss = model(idx, idx)
     assert torch.isfinite(loss)
     torch.testing.assert_close(low.float(), logits, atol=0.05, rtol=0.05)
+
+
+@pytest.mark.parametrize("name", BASELINE_NAMES)
+@pytest.mark.parametrize("tie_weights", [True, False])
+def test_save_and_load_round_trip(name, tie_weights, tmp_path):
+    model = tiny_model(name, tie_weights=tie_weights)
+    model.save_pretrained(tmp_path)
+    loaded = load(tmp_path).eval()
+    assert type(loaded) is type(model) and loaded.config == model.config
+    assert (loaded.lm_head.weight is loaded.wte.weight) == tie_weights
+    idx = torch.randint(0, VOCAB, (2, 7))
+    assert torch.equal(loaded(idx)[0], model(idx)[0])

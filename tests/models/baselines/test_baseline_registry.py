@@ -31,14 +31,15 @@ def test_unknown_name_lists_the_known_ones():
 @pytest.mark.parametrize("target", [REGBENCH_MOSAIC_PARAMS, 60_000])
 def test_target_params_is_met_within_three_percent(name, target):
     model = build_baseline(name, 20, 1000, target_params=target)
-    assert model.num_params() == sum(p.numel() for p in model.parameters())
-    assert abs(model.num_params() - target) / target < 0.03, (name, model.config.n_embd)
+    params = model.num_params(non_embedding=False)
+    assert params == sum(p.numel() for p in model.parameters())
+    assert abs(params - target) / target < 0.03, (name, model.config.n_embd)
 
 
 def test_target_params_keeps_other_overrides():
     model = build_baseline("mamba", 20, 1000, target_params=100_000, n_layer=3, d_state=8)
     assert model.config.n_layer == 3 and model.config.d_state == 8
-    assert abs(model.num_params() - 100_000) / 100_000 < 0.03
+    assert abs(model.num_params(non_embedding=False) - 100_000) / 100_000 < 0.03
 
 
 def test_target_params_and_n_embd_conflict():
@@ -52,7 +53,9 @@ def test_unreachable_target_is_an_error_not_a_silent_substitute():
 
 
 def test_count_params_agrees_with_the_built_model():
-    assert count_params("s4d", 20, 64, n_embd=24) == build_baseline("s4d", 20, 64, n_embd=24).num_params()
+    model = build_baseline("s4d", 20, 64, n_embd=24)
+    assert count_params("s4d", 20, 64, n_embd=24) == model.num_params(non_embedding=False)
+    assert model.num_params() == model.num_params(non_embedding=False) - 20 * 24
 
 
 def test_the_name_fixes_the_cell():
@@ -62,7 +65,7 @@ def test_the_name_fixes_the_cell():
 
 
 def test_unknown_field_is_named():
-    with pytest.raises(ConfigError, match=r"no field.*n_heads"):
+    with pytest.raises(ConfigError, match=r"unknown field.*n_heads"):
         baseline_config("gla", 20, 64, n_heads=4)
 
 

@@ -34,9 +34,7 @@ def test_chunked_scan_matches_sequential_outputs_and_gradients(T, chunk_size):
     chunked = selective_scan_chunked(*inputs, chunk_size=chunk_size)
     chunked_grads = torch.autograd.grad(chunked, inputs, grad_output)
     torch.testing.assert_close(chunked, reference, atol=1e-12, rtol=1e-10)
-    for name, got, expected in zip(
-        ["x", "delta", "A", "B", "C"], chunked_grads, reference_grads, strict=True
-    ):
+    for name, got, expected in zip(["x", "delta", "A", "B", "C"], chunked_grads, reference_grads, strict=True):
         torch.testing.assert_close(got, expected, atol=1e-11, rtol=1e-9, msg=name)
 
 

@@ -3,12 +3,12 @@
 Each baseline is `token embedding -> body -> (final LayerNorm) -> head`, with the head tied to the
 embedding by default, and answers the project's model contract:
 `logits, loss = model(idx, targets=None)` with logits for every position and the loss averaged over
-targets that are not -1. Only the body differs between families.
+targets that are not -1. Only the body differs between families. They are `PretrainedModel`s, so
+`save_pretrained(dir)` and `memory_mosaics.load(dir)` work for them as for GPT and Memory Mosaic.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from memory_mosaics.errors import ConfigError
+from memory_mosaics.models.base import ModelConfig, PretrainedModel, language_model_loss
 
 
 def require(ok: bool, config: object, field: str, expected: str, value: Any) -> None:
@@ -28,7 +29,7 @@ def require(ok: bool, config: object, field: str, expected: str, value: Any) -> 
 
 
 @dataclass
-class BaselineConfig:
+class BaselineConfig(ModelConfig):
     """Fields every baseline has. `block_size` is recorded for the harness: these models have no
     positional table and accept sequences of any length."""
 
@@ -44,29 +45,12 @@ class BaselineConfig:
             value = getattr(self, name)
             require(isinstance(value, int) and value >= 1, self, name, "an integer >= 1", value)
         require(0.0 <= self.dropout < 1.0, self, "dropout", "in [0, 1)", self.dropout)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> BaselineConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"{cls.__name__} has no field(s) {unknown}; known fields: {sorted(known)}")
-        return cls(**values)
+        require(isinstance(self.tie_weights, bool), self, "tie_weights", "true or false", self.tie_weights)
 
 
 def at_least_float32(t: torch.Tensor) -> torch.Tensor:
     """Upcast bf16/fp16 (autocast) to float32 for scans and FFTs; leave float32/float64 alone."""
     return t.to(torch.promote_types(t.dtype, torch.float32))
-
-
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over the positions whose target is not -1."""
-    return F.cross_entropy(
-        at_least_float32(logits.reshape(-1, logits.size(-1))), targets.reshape(-1), ignore_index=-1
-    )
 
 
 class MLP(nn.Module):
@@ -100,8 +84,9 @@ class ResidualBlock(nn.Module):
         return x
 
 
-class SequenceLM(nn.Module):
-    """Embedding -> body -> final norm -> head; subclasses build the body from their config."""
+class SequenceLM(PretrainedModel):
+    """Embedding -> body -> final norm -> head. Subclasses set `model_type` and `config_class`
+    and build the body from their config."""
 
     def __init__(self, config: BaselineConfig, body: nn.Module, final_norm: bool = True):
         super().__init__()
@@ -117,6 +102,14 @@ class SequenceLM(nn.Module):
         else:
             nn.init.normal_(self.lm_head.weight, std=0.02)
 
+    @property
+    def tied_parameters(self) -> tuple[str, ...]:  # type: ignore[override]
+        """The head is saved once, as the embedding, only when the two are tied."""
+        return ("lm_head.weight",) if self.config.tie_weights else ()
+
+    def embedding_parameters(self) -> list[nn.Parameter]:
+        return [self.wte.weight]
+
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -125,10 +118,4 @@ class SequenceLM(nn.Module):
         x = self.drop(self.wte(idx))
         x = self.body(x)
         logits = self.lm_head(self.ln_f(x))
-        loss = None if targets is None else lm_loss(logits, targets)
-        return logits, loss
-
-    def num_params(self, non_embedding: bool = True) -> int:
-        """Number of distinct parameters (a tied head counts once). There is no positional table,
-        so `non_embedding` (kept for the GPT/MemoryMosaic signature) changes nothing."""
-        return sum(p.numel() for p in self.parameters())
+        return logits, language_model_loss(logits, targets)

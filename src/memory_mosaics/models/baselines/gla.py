@@ -41,9 +41,7 @@ class GLAConfig(BaselineConfig):
         for name in ("n_head", "gate_rank", "chunk_size"):
             value = getattr(self, name)
             require(isinstance(value, int) and value >= 1, self, name, "an integer >= 1", value)
-        require(
-            self.n_embd % self.n_head == 0, self, "n_embd", f"a multiple of n_head={self.n_head}", self.n_embd
-        )
+        require(self.n_embd % self.n_head == 0, self, "n_embd", f"a multiple of n_head={self.n_head}", self.n_embd)
         if self.key_dim is None:
             self.key_dim = max(self.n_head, self.n_embd // 2 // self.n_head * self.n_head)
         require(
@@ -132,6 +130,9 @@ class GatedLinearAttention(nn.Module):
 
 class GLALM(SequenceLM):
     """Stack of pre-LayerNorm residual blocks: gated linear attention, then an MLP."""
+
+    model_type = "gla"
+    config_class = GLAConfig
 
     def __init__(self, config: GLAConfig):
         blocks = [

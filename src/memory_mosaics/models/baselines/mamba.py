@@ -158,6 +158,9 @@ class MambaMixer(nn.Module):
 class MambaLM(SequenceLM):
     """Stack of pre-LayerNorm residual Mamba blocks (no MLP, as in Mamba)."""
 
+    model_type = "mamba"
+    config_class = MambaConfig
+
     def __init__(self, config: MambaConfig):
         blocks = [
             ResidualBlock(MambaMixer(config), config.n_embd, mlp_ratio=0, dropout=config.dropout)

@@ -48,5 +48,8 @@ class RecurrentStack(nn.Module):
 class RNNLM(SequenceLM):
     """LSTM or GRU language model (chosen by `config.cell`)."""
 
+    model_type = "rnn"
+    config_class = RNNConfig
+
     def __init__(self, config: RNNConfig):
         super().__init__(config, RecurrentStack(config), final_norm=False)

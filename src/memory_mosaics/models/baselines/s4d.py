@@ -122,6 +122,9 @@ class S4DLayer(nn.Module):
 class S4DLM(SequenceLM):
     """Stack of pre-LayerNorm residual blocks: S4D layer, then an MLP."""
 
+    model_type = "s4d"
+    config_class = S4DConfig
+
     def __init__(self, config: S4DConfig):
         blocks = [
             ResidualBlock(S4DLayer(config), config.n_embd, config.mlp_ratio, config.dropout)
