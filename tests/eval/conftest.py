@@ -1,22 +1,13 @@
-"""Fixtures for the evaluation tests: tiny saved models with their tokenizer, tiny data, one thread."""
+"""Fixtures for the evaluation tests: tiny saved models with their tokenizer, tiny data."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-import torch
 from eval_support import STORIES, save_checkpoint_folder
 
 from memory_mosaics.data import make_tokenizer, prepare_dataset
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -1,23 +1,13 @@
-"""Fixtures for the training tests: a tiny prepared corpus, one thread."""
+"""Fixtures for the training tests: a tiny prepared corpus."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-import torch
 from train_support import write_stories
 
 from memory_mosaics.data import prepare_dataset
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Busy shared machines make multi-threaded tiny matmuls slower, not faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
