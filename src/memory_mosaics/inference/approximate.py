@@ -59,9 +59,7 @@ def lsh_candidates(query_codes: Tensor, key_codes: Tensor) -> Tensor:
     return match
 
 
-def gathered_read(
-    queries: Tensor, keys: Tensor, values: Tensor, candidates: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
+def gathered_read(queries: Tensor, keys: Tensor, values: Tensor, candidates: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Exact softmax restricted to each query's candidates, scoring only those.
 
     queries (B, H, n, d); keys/values (B, H, N, d); candidates (B, H, n, N) bool.
@@ -70,13 +68,13 @@ def gathered_read(
     """
     batch, heads, n, stored = candidates.shape
     dim = keys.shape[-1]
-    counts = candidates.sum(-1).view(-1)
+    counts = candidates.sum(-1).reshape(-1)
     width = int(counts.max()) if counts.numel() else 0
     if width == 0:
         empty = torch.zeros(batch, heads, n, 0, dtype=torch.long, device=keys.device)
         return queries.new_zeros(batch, heads, n, values.shape[-1]), empty, empty.to(queries.dtype)
     # Pack each row's candidate columns to the left of a (rows, width) table, padded with slot 0.
-    row, column = candidates.view(-1, stored).nonzero(as_tuple=True)
+    row, column = candidates.reshape(-1, stored).nonzero(as_tuple=True)
     rank = torch.arange(row.numel(), device=row.device) - (counts.cumsum(0) - counts)[row]
     index = torch.zeros(batch * heads * n, width, dtype=torch.long, device=keys.device)
     valid = torch.zeros(batch * heads * n, width, dtype=torch.bool, device=keys.device)
@@ -194,9 +192,7 @@ class RandomFeatureMemory:
         return torch.softmax(torch.logsumexp(pair, dim=-1), dim=-1)
 
     def nbytes(self) -> int:
-        return sum(
-            t.numel() * t.element_size() for t in (self.sums, self.norms, self.log_shift) if t is not None
-        )
+        return sum(t.numel() * t.element_size() for t in (self.sums, self.norms, self.log_shift) if t is not None)
 
 
 def seeded_generator(seed: int, layer: int) -> torch.Generator:

@@ -81,9 +81,7 @@ class LRU(EvictionPolicy):
         return (last_used * (1 << 31) + position).argmin(dim=-1)
 
 
-def make_policy(
-    name: str, sink_size: int | None = None, lru_threshold: float | None = None
-) -> EvictionPolicy:
+def make_policy(name: str, sink_size: int | None = None, lru_threshold: float | None = None) -> EvictionPolicy:
     if name == "fifo":
         return FIFO()
     if name == "sink+recent":
@@ -91,9 +89,7 @@ def make_policy(
     return LRU(lru_threshold)
 
 
-def dense_read(
-    queries: Tensor, keys: Tensor, values: Tensor, admissible: Tensor | None
-) -> tuple[Tensor, Tensor]:
+def dense_read(queries: Tensor, keys: Tensor, values: Tensor, admissible: Tensor | None) -> tuple[Tensor, Tensor]:
     """Softmax over every admissible stored key (scale 1). A query with none reads exactly zero.
 
     queries (B, H, n, d), keys/values (B, H, N, d), admissible (n, N) bool or None (all).
@@ -112,9 +108,7 @@ def dense_read(
 class SlotMemory:
     """The stored pairs of one context memory: exact or LSH retrieval, unbounded or bounded."""
 
-    def __init__(
-        self, capacity: int | None, policy: EvictionPolicy | None, shift: int, hasher: HyperplaneHash | None
-    ):
+    def __init__(self, capacity: int | None, policy: EvictionPolicy | None, shift: int, hasher: HyperplaneHash | None):
         self.capacity = capacity
         self.policy = policy
         self.shift = shift

@@ -55,9 +55,7 @@ class InferenceOptions:
         if self.memory_size is None:
             for name in ("eviction", "sink_size", "lru_threshold"):
                 if getattr(self, name) is not None:
-                    raise ConfigError(
-                        f"init_state: {name} needs memory_size (an unbounded memory evicts nothing)"
-                    )
+                    raise ConfigError(f"init_state: {name} needs memory_size (an unbounded memory evicts nothing)")
             return
         _check_int("memory_size", self.memory_size, 1)
         if self.eviction is None:
@@ -75,9 +73,7 @@ class InferenceOptions:
                     f"({self.memory_size}) to leave room for the recent window"
                 )
         elif self.sink_size is not None:
-            raise ConfigError(
-                f"init_state: sink_size applies to eviction='sink+recent', not {self.eviction!r}"
-            )
+            raise ConfigError(f"init_state: sink_size applies to eviction='sink+recent', not {self.eviction!r}")
         if self.eviction == "lru":
             self.lru_threshold = DEFAULT_LRU_THRESHOLD if self.lru_threshold is None else self.lru_threshold
             if isinstance(self.lru_threshold, bool) or not isinstance(self.lru_threshold, (int, float)):
@@ -95,9 +91,7 @@ class InferenceOptions:
         owners = {"lsh_tables": "lsh", "lsh_bits": "lsh", "num_features": "features"}
         for name, owner in owners.items():
             if getattr(self, name) is not None and self.retrieval != owner:
-                raise ConfigError(
-                    f"init_state: {name} applies to retrieval={owner!r}, not {self.retrieval!r}"
-                )
+                raise ConfigError(f"init_state: {name} applies to retrieval={owner!r}, not {self.retrieval!r}")
         if self.retrieval == "lsh":
             self.lsh_tables = DEFAULT_LSH_TABLES if self.lsh_tables is None else self.lsh_tables
             self.lsh_bits = DEFAULT_LSH_BITS if self.lsh_bits is None else self.lsh_bits

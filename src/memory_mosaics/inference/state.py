@@ -135,8 +135,7 @@ def init_gpt_state(model: nn.Module, batch_size: int, **options) -> GPTState:
 def _check_step(model: nn.Module, idx: Tensor, state: object, state_type: type) -> None:
     if not isinstance(state, state_type):
         raise MosaicError(
-            f"step: expected a {state_type.__name__} from {type(model).__name__}.init_state, "
-            f"got {type(state).__name__}"
+            f"step: expected a {state_type.__name__} from {type(model).__name__}.init_state, got {type(state).__name__}"
         )
     if state.model_ref() is not model:
         raise MosaicError("step: this state was made by another model; call init_state on this model")
@@ -251,8 +250,7 @@ def _attention_step(attn: nn.Module, x: Tensor, state: GPTState, layer: int) -> 
     keys, values = state.keys[layer][:, :, : start + n], state.values[layer][:, :, : start + n]
     # Query start+i sees positions <= start+i (the diagonal included, as in the forward pass).
     visible = (
-        torch.arange(start + n, device=x.device)[None, :]
-        <= torch.arange(start, start + n, device=x.device)[:, None]
+        torch.arange(start + n, device=x.device)[None, :] <= torch.arange(start, start + n, device=x.device)[:, None]
     )
     y, _ = dense_read(q * q.shape[-1] ** -0.5, keys, values, visible)
     return attn.project(y)
