@@ -9,6 +9,7 @@ targets that are not -1. Only the body differs between families. They are `Pretr
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,6 +83,12 @@ class ResidualBlock(nn.Module):
         if self.mlp is not None:
             x = x + self.mlp(self.ln_mlp(x))
         return x
+
+
+def residual_stack(make_mixer: Callable[[], nn.Module], config: BaselineConfig, mlp_ratio: int) -> nn.Sequential:
+    """config.n_layer residual blocks, each around a fresh mixer from `make_mixer`."""
+    blocks = [ResidualBlock(make_mixer(), config.n_embd, mlp_ratio, config.dropout) for _ in range(config.n_layer)]
+    return nn.Sequential(*blocks)
 
 
 class SequenceLM(PretrainedModel):

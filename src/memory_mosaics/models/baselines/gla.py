@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import BaselineConfig, ResidualBlock, SequenceLM, at_least_float32, require
+from .common import BaselineConfig, SequenceLM, at_least_float32, require, residual_stack
 
 GLA_FORMS = ("recurrent", "chunked")
 
@@ -135,8 +135,4 @@ class GLALM(SequenceLM):
     config_class = GLAConfig
 
     def __init__(self, config: GLAConfig):
-        blocks = [
-            ResidualBlock(GatedLinearAttention(config), config.n_embd, config.mlp_ratio, config.dropout)
-            for _ in range(config.n_layer)
-        ]
-        super().__init__(config, nn.Sequential(*blocks))
+        super().__init__(config, residual_stack(lambda: GatedLinearAttention(config), config, config.mlp_ratio))

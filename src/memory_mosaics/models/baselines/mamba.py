@@ -8,9 +8,10 @@ state); the scan
 
 gated by SiLU(z) and projected back. Two forms of the scan compute the same thing:
 `selective_scan_sequential` (one step at a time; the reference, and the faster one on CPU) and
-`selective_scan_chunked` (a log-depth parallel scan inside chunks and across chunk ends; fewer,
-larger operations, for GPUs). `scan="auto"` picks the sequential form on CPU and the chunked one
-elsewhere; their agreement (outputs and gradients) is tested.
+`selective_scan_chunked` (a log-depth parallel scan inside chunks and across chunk ends: fewer,
+larger operations, meant for GPUs; about 4x slower than the sequential form on CPU, where memory
+traffic dominates). `scan="auto"` picks the sequential form on CPU and the chunked one elsewhere;
+their agreement (outputs and gradients) is tested.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import BaselineConfig, ResidualBlock, SequenceLM, at_least_float32, require
+from .common import BaselineConfig, SequenceLM, at_least_float32, require, residual_stack
 
 SCAN_FORMS = ("auto", "sequential", "chunked")
 
@@ -162,8 +163,4 @@ class MambaLM(SequenceLM):
     config_class = MambaConfig
 
     def __init__(self, config: MambaConfig):
-        blocks = [
-            ResidualBlock(MambaMixer(config), config.n_embd, mlp_ratio=0, dropout=config.dropout)
-            for _ in range(config.n_layer)
-        ]
-        super().__init__(config, nn.Sequential(*blocks))
+        super().__init__(config, residual_stack(lambda: MambaMixer(config), config, mlp_ratio=0))

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import BaselineConfig, ResidualBlock, SequenceLM, at_least_float32, require
+from .common import BaselineConfig, SequenceLM, at_least_float32, require, residual_stack
 
 S4D_FORMS = ("fft", "direct", "recurrent")
 
@@ -126,8 +126,4 @@ class S4DLM(SequenceLM):
     config_class = S4DConfig
 
     def __init__(self, config: S4DConfig):
-        blocks = [
-            ResidualBlock(S4DLayer(config), config.n_embd, config.mlp_ratio, config.dropout)
-            for _ in range(config.n_layer)
-        ]
-        super().__init__(config, nn.Sequential(*blocks))
+        super().__init__(config, residual_stack(lambda: S4DLayer(config), config, config.mlp_ratio))
