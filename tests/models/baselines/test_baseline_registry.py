@@ -1,6 +1,7 @@
 """The registry: names, errors that speak to the user, and parameter-matched widths."""
 
 import pytest
+import torch
 
 from memory_mosaics.errors import ConfigError
 from memory_mosaics.models.baselines import (
@@ -40,6 +41,15 @@ def test_target_params_keeps_other_overrides():
     model = build_baseline("mamba", 20, 1000, target_params=100_000, n_layer=3, d_state=8)
     assert model.config.n_layer == 3 and model.config.d_state == 8
     assert abs(model.num_params(non_embedding=False) - 100_000) / 100_000 < 0.03
+
+
+def test_fitting_the_width_does_not_move_the_random_stream():
+    torch.manual_seed(0)
+    fitted = build_baseline("gla", 20, 64, target_params=50_000)
+    torch.manual_seed(0)
+    direct = build_baseline("gla", 20, 64, n_embd=fitted.config.n_embd)
+    for (name, a), b in zip(fitted.state_dict().items(), direct.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
 
 
 def test_target_params_and_n_embd_conflict():

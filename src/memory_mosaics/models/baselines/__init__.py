@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from memory_mosaics.errors import ConfigError
@@ -52,8 +53,9 @@ def baseline_config(name: str, vocab_size: int, block_size: int, **overrides: An
 def build_baseline(
     name: str, vocab_size: int, block_size: int, target_params: int | None = None, **overrides: Any
 ) -> nn.Module:
-    """Build baseline `name`. With `target_params`, choose `n_embd` so that `num_params()` is as
-    close as possible to it (other fields, such as n_layer, come from `overrides`)."""
+    """Build baseline `name`. With `target_params`, choose `n_embd` so that
+    `num_params(non_embedding=False)` is as close as possible to it (other fields, such as
+    n_layer, come from `overrides`); the search leaves torch's random stream untouched."""
     if target_params is not None:
         if "n_embd" in overrides:
             raise ConfigError("pass either target_params or n_embd, not both: target_params sets n_embd")
@@ -66,10 +68,12 @@ def build_baseline(
 
 
 def count_params(name: str, vocab_size: int, block_size: int, **overrides: Any) -> int:
-    """Parameter count of a baseline, embedding included. Built on the CPU: a model this size
-    builds in milliseconds, while the meta device's first use costs seconds."""
+    """Parameter count of a baseline, embedding included. Built on the CPU (a model this size
+    builds in milliseconds; the meta device's first use costs seconds), without moving the
+    caller's random stream."""
     config = baseline_config(name, vocab_size, block_size, **overrides)
-    return _FAMILIES[name][1](config).num_params(non_embedding=False)
+    with torch.random.fork_rng(devices=[]):
+        return _FAMILIES[name][1](config).num_params(non_embedding=False)
 
 
 def fit_width(name: str, vocab_size: int, block_size: int, target_params: int, **overrides: Any) -> int:
