@@ -38,32 +38,36 @@ def _non_negative(name: str, value: float | None) -> None:
         raise ConfigError(f"{name} must be >= 0, got {value!r}")
 
 
+def _field(default: Any, help_text: str) -> Any:
+    return dataclasses.field(default=default, metadata={"help": help_text})
+
+
 @dataclass
 class TrainConfig:
     """Everything about a training run except the model's own shape (that is the model config)."""
 
-    model: Literal["mosaic", "gpt"] = "mosaic"
-    max_steps: int = 1000  # optimizer steps; also where the cosine schedule ends unless lr_decay_steps
-    batch_size: int = 16  # sequences per micro-batch on each process
-    grad_accum: int | None = None  # micro-batches per step; None: 1, or derived from global_batch_size
-    global_batch_size: int | None = None  # sequences per optimizer step over all processes
-    seq_len: int | None = None  # training window; None: the model's block_size
-    lr: float = 1e-3
-    min_lr: float | None = None  # None: lr / 10
-    warmup_steps: int = 100
-    lr_decay_steps: int | None = None  # None: max_steps
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0  # 0 turns clipping off
-    eval_interval: int = 200
-    eval_batches: int = 20
-    log_interval: int = 1
-    ckpt_interval: int | None = None  # None: save at every evaluation
-    seed: int = 1337
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    compile: bool = False
-    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    model: Literal["mosaic", "gpt"] = _field("mosaic", "the model to train")
+    max_steps: int = _field(1000, "optimizer steps; the cosine schedule ends here unless --lr-decay-steps")
+    batch_size: int = _field(16, "windows per micro-batch on each process")
+    grad_accum: int | None = _field(None, "micro-batches per step (default 1, or from --global-batch-size)")
+    global_batch_size: int | None = _field(None, "windows per optimizer step over all processes")
+    seq_len: int | None = _field(None, "training window length (default: the model's block_size)")
+    lr: float = _field(1e-3, "peak learning rate")
+    min_lr: float | None = _field(None, "final learning rate of the cosine (default lr/10)")
+    warmup_steps: int = _field(100, "linear warmup steps")
+    lr_decay_steps: int | None = _field(None, "step where the cosine reaches min_lr (default max_steps)")
+    weight_decay: float = _field(0.1, "AdamW weight decay, on tensors of 2 or more dimensions only")
+    beta1: float = _field(0.9, "AdamW beta1")
+    beta2: float = _field(0.95, "AdamW beta2")
+    grad_clip: float = _field(1.0, "clip the global gradient norm to this (0: no clipping)")
+    eval_interval: int = _field(200, "validation loss every N steps (and at the end)")
+    eval_batches: int = _field(20, "validation batches per evaluation")
+    log_interval: int = _field(1, "a metrics.jsonl row every N steps (and at the end)")
+    ckpt_interval: int | None = _field(None, "checkpoint every N steps (default: every evaluation)")
+    seed: int = _field(1337, "seed of the weights, the windows and dropout")
+    dtype: Literal["float32", "bfloat16", "float16"] = _field("float32", "autocast precision (CPU and CUDA)")
+    compile: bool = _field(False, "torch.compile the model for training")
+    device: str = _field("auto", "auto (a GPU when there is one), cpu, cuda or cuda:N")
 
     def __post_init__(self) -> None:
         if self.model not in MODEL_TYPES:
@@ -171,9 +175,7 @@ def _converter(tp: Any):
     return None, None  # lists, dicts...: YAML only
 
 
-def add_dataclass_flags(
-    parser: argparse.ArgumentParser, cls: type, seen: set[str] | None = None
-) -> list[str]:
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, seen: set[str] | None = None) -> list[str]:
     """Add one `--field-name` flag per field of `cls` (skipping names in `seen`); return the names added.
 
     Flags default to "not given" (argparse.SUPPRESS), so a flag only overrides a preset or YAML value
@@ -188,7 +190,7 @@ def add_dataclass_flags(
         tp = hints[field.name]
         inner, _ = _unwrap_optional(tp)
         default = field.default if field.default is not dataclasses.MISSING else None
-        help_text = f"{cls.__name__}.{field.name} (default {default!r})"
+        help_text = f"{field.metadata.get('help', cls.__name__ + '.' + field.name)} (default {default!r})"
         if inner is bool:
             parser.add_argument(
                 flag_name(field.name),
@@ -207,7 +209,7 @@ def add_dataclass_flags(
                 type=convert,
                 choices=choices,
                 default=argparse.SUPPRESS,
-                metavar=None if choices else field.name.upper(),
+                metavar=None if choices else {int: "N", float: "X"}.get(inner, "TEXT"),
                 help=help_text,
             )
         seen.add(field.name)
@@ -230,9 +232,7 @@ def _check_value(cls: type, name: str, value: Any, source: str) -> Any:
     if typing.get_origin(inner) is Literal:
         choices = typing.get_args(inner)
         if value not in choices:
-            raise ConfigError(
-                f"{source}: {name} must be one of {', '.join(map(str, choices))}, got {value!r}"
-            )
+            raise ConfigError(f"{source}: {name} must be one of {', '.join(map(str, choices))}, got {value!r}")
         return value
     if inner is bool:
         if not isinstance(value, bool):
