@@ -73,13 +73,22 @@ def error_vs_context(
     return torch.stack(errors)
 
 
+@torch.no_grad()
+def one_step_error_vs_context(model: MoonsMemory, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean |prediction - truth| of the teacher-forced prediction of y_{L-1}, for L = 1..T.
+
+    Entry L-1 is the error of the first step of `error_vs_context` at context length L: nothing is fed
+    back, so this curve shows what the memory can retrieve, without compounding errors.
+    """
+    pred, _ = model(x)
+    return (pred - y).abs().mean(dim=(0, 2))
+
+
 def head_moon_profiles(model: MoonsMemory, n_moons: int = 3) -> dict[str, torch.Tensor]:
     """Per head, the share of each map's energy on each moon: tensors (H, n_moons) for key/value/out."""
     config = model.config
     if config.input_dim != 2 * n_moons:
-        raise ConfigError(
-            f"the model reads {config.input_dim} inputs, not the 2*{n_moons} of {n_moons} moons"
-        )
+        raise ConfigError(f"the model reads {config.input_dim} inputs, not the 2*{n_moons} of {n_moons} moons")
     pairs = config.head_dim // 2  # complex coordinates per head
     energy = {
         "key": model.key.block_moduli().square(),  # (H*pairs, n_moons)

@@ -101,9 +101,7 @@ class ThreeMoons:
 
     def angles(self, periods: tuple[float, ...]) -> torch.Tensor:
         """Each moon's angle (radians) at every point of the series, shape (num_points, 3), float64."""
-        return (
-            2 * math.pi * self.time[:, None] / torch.tensor(periods, dtype=torch.float64) + self.config.phase
-        )
+        return 2 * math.pi * self.time[:, None] / torch.tensor(periods, dtype=torch.float64) + self.config.phase
 
     def series(self, periods: tuple[float, ...]) -> torch.Tensor:
         """The whole series for one triple, shape (num_points, 6), float32."""

@@ -42,13 +42,9 @@ class MoonsModelConfig:
         if self.n_head < 1:
             raise ConfigError(f"MoonsModelConfig.n_head must be >= 1, got {self.n_head}")
         if self.head_dim < 2 or self.head_dim % 2:
-            raise ConfigError(
-                f"MoonsModelConfig.head_dim must be even and >= 2 (complex pairs), got {self.head_dim}"
-            )
+            raise ConfigError(f"MoonsModelConfig.head_dim must be even and >= 2 (complex pairs), got {self.head_dim}")
         if self.input_dim < 2 or self.input_dim % 2:
-            raise ConfigError(
-                f"MoonsModelConfig.input_dim must be a positive even number, got {self.input_dim}"
-            )
+            raise ConfigError(f"MoonsModelConfig.input_dim must be a positive even number, got {self.input_dim}")
         if not self.attn_scale > 0:
             raise ConfigError(f"MoonsModelConfig.attn_scale must be > 0, got {self.attn_scale}")
 
@@ -154,9 +150,7 @@ class MoonsMemory(nn.Module):
         `explicit=True` uses the plain masked-softmax attention (the twin the fast path is tested against).
         """
         if x.dim() != 3 or x.shape[-1] != self.config.input_dim:
-            raise ConfigError(
-                f"expected input of shape (B, T, {self.config.input_dim}), got {tuple(x.shape)}"
-            )
+            raise ConfigError(f"expected input of shape (B, T, {self.config.input_dim}), got {tuple(x.shape)}")
         k, v = self.keys_and_values(x)
         if explicit:
             mixed = self.attention(x)[..., 1:, :-1] @ v

@@ -31,9 +31,7 @@ class MoonsTrainConfig:
             if getattr(self, name) < low:
                 raise ConfigError(f"MoonsTrainConfig.{name} must be >= {low}, got {getattr(self, name)}")
         if not (self.lr > 0 and self.final_lr >= 0):
-            raise ConfigError(
-                f"MoonsTrainConfig lr must be > 0 and final_lr >= 0, got {self.lr}, {self.final_lr}"
-            )
+            raise ConfigError(f"MoonsTrainConfig lr must be > 0 and final_lr >= 0, got {self.lr}, {self.final_lr}")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise ConfigError(f"MoonsTrainConfig betas must be in [0, 1), got {self.beta1}, {self.beta2}")
 
@@ -74,9 +72,7 @@ def train_moons(
         x, y = data.sample(train_config.batch_size, train_config.seq_len, batches, split="train")
         _, loss = model(x, y)
         if not torch.isfinite(loss):
-            raise MosaicError(
-                f"moons training diverged at step {step} (loss {loss.item()}); try another --seed"
-            )
+            raise MosaicError(f"moons training diverged at step {step} (loss {loss.item()}); try another --seed")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -1,0 +1,1 @@
+"""Three moons: the paper's toy for predictive disentanglement (data, model, training, analysis, plots)."""
