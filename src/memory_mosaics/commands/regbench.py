@@ -162,12 +162,14 @@ def run(args: argparse.Namespace) -> int:
                         "best_step": result.best_step,
                         "steps": result.steps,
                         "seconds": round(result.seconds, 1),
+                        "cpu_seconds": round(result.cpu_seconds, 1),
                         "settings": {**settings, "device": device, "reference_data": args.reference_data},
                     }
                 )
                 tqdm.write(
                     f"{name:12s} @{len(splits.train):5d} seed {seed}: accuracy {result.accuracy:.3f} "
-                    f"tvd {result.tvd:.3f} ({result.params} params, {result.seconds:.0f} s)"
+                    f"tvd {result.tvd:.3f} ({result.params} params, {result.seconds:.0f} s, "
+                    f"{result.cpu_seconds:.0f} s CPU)"
                 )
                 if args.json:
                     write_json(args.json, rows)

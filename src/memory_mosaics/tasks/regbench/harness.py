@@ -88,6 +88,7 @@ class RunResult:
     best_step: int
     steps: int
     seconds: float
+    cpu_seconds: float  # process CPU time: about seconds x cores on an otherwise idle machine
 
 
 def learning_rate(step: int, total: int, config: TrainConfig) -> float:
@@ -163,7 +164,7 @@ def train_and_test(
     """
     device = torch.device(device)
     model.to(device).train()
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     optimizer = make_optimizer(model, config)
     total = config.total_steps(len(splits.train))
     steps_per_epoch = math.ceil(len(splits.train) / config.batch_size)
@@ -207,6 +208,7 @@ def train_and_test(
         best_step=best[1],
         steps=total,
         seconds=time.perf_counter() - started,
+        cpu_seconds=time.process_time() - cpu_started,
     )
 
 
