@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"
 
-from memory_mosaics.models import GPT, GPTConfig, MemoryMosaic, MemoryMosaicConfig, load
+from memory_mosaics.models import GPT, GPTConfig, MemoryMosaic, MemoryMosaicConfig, load  # noqa: E402
+from memory_mosaics.inference.generate import generate  # noqa: E402, I001
 
-__all__ = ["GPT", "GPTConfig", "MemoryMosaic", "MemoryMosaicConfig", "__version__", "load"]
+__all__ = ["GPT", "GPTConfig", "MemoryMosaic", "MemoryMosaicConfig", "__version__", "generate", "load"]

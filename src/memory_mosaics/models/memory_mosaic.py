@@ -36,7 +36,7 @@ class MemoryMosaicConfig(ModelConfig):
     value_kind: str = "lowrank"  # "lowrank" (authors' default) or "kernel2" (full 2-tap convolution)
     pre_ln: bool = True  # False: the authors' post-LN option
     attn_only: bool = False  # True: context memories only, no persistent memory
-    leaky_chunk_size: int = 64  # chunk of the fast leaky average (a speed knob; results do not change)
+    leaky_chunk_size: int = 32  # chunk of the fast leaky average (a speed knob; results do not change)
     impl: str = "fast"  # "fast" (chunked scan + fused attention) or "reference" (dense, explicit)
 
     def __post_init__(self) -> None:

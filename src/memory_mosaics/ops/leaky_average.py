@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-DEFAULT_CHUNK_SIZE = 64
+DEFAULT_CHUNK_SIZE = 32  # measured on CPU: fp32 fastest at 16-32, bf16 flat from 16 to 128
 
 
 def _decay_matrix(beta: Tensor, length: int) -> Tensor:

@@ -76,21 +76,33 @@ def persistent_retrieval_reference(
 
 
 def persistent_retrieval(
-    queries: Tensor,
-    memory_keys: Tensor,
-    memory_values: Tensor,
-    dropout_p: float = 0.0,
-    training: bool = False,
+    queries: Tensor, memory_keys: Tensor, memory_values: Tensor, dropout_p: float = 0.0, training: bool = False
 ) -> Tensor:
-    """Fast form: one fused attention call per table (no B x H x T x P matrix kept for backward)."""
-    batch = queries.shape[0]
+    """Fast form. On GPUs, one fused attention call per table.
+
+    On CPUs the fused kernel runs far below matrix-product speed (measured: 238 ms against 147 ms for a
+    forward and backward at B=8, T=256, H=4, P=896 in bf16), so there we use that the tables are shared
+    by the whole batch: batch and time fold into one long matrix per head, and retrieval is two large
+    matrix products per table.
+    """
+    batch, heads, length, dim = queries.shape
+    dropout_p = dropout_p if training else 0.0
+    if queries.device.type != "cpu":
+        out = 0.0
+        for table_keys, table_values in zip(memory_keys, memory_values, strict=True):
+            out = out + F.scaled_dot_product_attention(
+                queries,
+                table_keys.expand(batch, *table_keys.shape).to(queries.dtype),
+                table_values.expand(batch, *table_values.shape).to(queries.dtype),
+                dropout_p=dropout_p,
+                scale=1.0,
+            )
+        return out / memory_keys.shape[0]
+    folded = queries.transpose(0, 1).reshape(heads, batch * length, dim)
     out = 0.0
     for table_keys, table_values in zip(memory_keys, memory_values, strict=True):
-        out = out + F.scaled_dot_product_attention(
-            queries,
-            table_keys.expand(batch, *table_keys.shape).to(queries.dtype),
-            table_values.expand(batch, *table_values.shape).to(queries.dtype),
-            dropout_p=dropout_p if training else 0.0,
-            scale=1.0,
-        )
-    return out / memory_keys.shape[0]
+        scores = folded @ table_keys.transpose(-1, -2).to(folded.dtype)
+        weights = F.dropout(torch.softmax(scores, dim=-1).to(folded.dtype), p=dropout_p, training=training)
+        out = out + weights @ table_values.to(folded.dtype)
+    out = out / memory_keys.shape[0]
+    return out.view(heads, batch, length, dim).transpose(0, 1)

@@ -1,0 +1,1 @@
+"""Benchmarks that measure the library itself (speed, memory); they write JSON, they never assert."""
