@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from memory_mosaics.models import GPT, GPTConfig, MemoryMosaic, MemoryMosaicConfig, load  # noqa: E402
-from memory_mosaics.inference.generate import generate  # noqa: E402, I001
+from memory_mosaics.inference.generate import generate
+from memory_mosaics.models import GPT, GPTConfig, MemoryMosaic, MemoryMosaicConfig, load
 
 __all__ = ["GPT", "GPTConfig", "MemoryMosaic", "MemoryMosaicConfig", "__version__", "generate", "load"]

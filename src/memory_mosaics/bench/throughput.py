@@ -55,9 +55,7 @@ def training_step(model: torch.nn.Module, batch_size: int, length: int, dtype: s
     """A closure running one optimisation step on a fresh random batch."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     vocab = model.config.vocab_size
-    autocast = (
-        torch.autocast(device_type=device, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
-    )
+    autocast = torch.autocast(device_type=device, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
 
     def step() -> None:
         idx = torch.randint(0, vocab, (batch_size, length + 1), device=device)
@@ -106,7 +104,10 @@ def run_throughput(settings: ThroughputSettings, progress: Callable[[str], None]
             cell = list(measure_cell(settings, length, dtype))
             rows.extend(cell)
             if progress:
-                progress(", ".join(f"{r['model']} {r['tokens_per_second']:.0f} tok/s" for r in cell) + f" (T={length}, {dtype})")
+                progress(
+                    ", ".join(f"{r['model']} {r['tokens_per_second']:.0f} tok/s" for r in cell)
+                    + f" (T={length}, {dtype})"
+                )
     ratios = []
     for length in settings.lengths:
         for dtype in settings.dtypes:
