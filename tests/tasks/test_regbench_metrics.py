@@ -12,6 +12,7 @@ import torch
 from memory_mosaics.tasks.regbench.data import SEP_ID, VOCAB, VOCAB_SIZE, Prompt, encode, load_reference
 from memory_mosaics.tasks.regbench.dfa import canonical_minimal_dfa
 from memory_mosaics.tasks.regbench.metrics import MetricSums, next_symbol_masks, score_logits, score_probs
+from memory_mosaics.tasks.regbench.ngram import ngram_probs, score_ngram
 
 REFERENCE = Path(__file__).resolve().parents[3] / "shared" / "reference" / "regbench_seed0.json"
 
@@ -115,3 +116,21 @@ def test_oracle_on_the_benchmarks_own_test_split():
         total.add(score_probs(reference_oracle(row), [next_symbol_masks(prompt)]))
     assert total.accuracy == 1.0 and total.tvd == pytest.approx(0.0, abs=1e-6)
     assert total.scored == total.positions - sum(p.tokens.count(SEP_ID) for p in prompts)
+
+
+def test_in_context_bigram_counts_with_backoff():
+    # Prompt "a b a b | a b a": what followed the current token earlier in the prompt, else the
+    # letters seen so far ('|' is context, never a prediction).
+    probs = ngram_probs(encode("a b a b | a b a"), order=2)
+    a, b = VOCAB.index("a"), VOCAB.index("b")
+    expected = [{a: 1.0}, {a: 0.5, b: 0.5}, {b: 1.0}, {a: 1.0}, {a: 0.5, b: 0.5}, {b: 1.0}, {a: 1.0}]
+    assert probs.shape == (7, VOCAB_SIZE)
+    for t, row in enumerate(expected):
+        want = torch.zeros(VOCAB_SIZE)
+        for token, p in row.items():
+            want[token] = p
+        assert torch.allclose(probs[t], want), t
+    # With no letter seen yet (a prompt opening with "|") the guess is uniform over the 18 letters.
+    assert torch.allclose(ngram_probs(encode("| c"), order=3)[0, 1:19], torch.full((18,), 1 / 18))
+    sums = score_ngram([PROMPT], order=1)
+    assert sums.positions == 5 and 0.0 <= sums.accuracy <= 1.0

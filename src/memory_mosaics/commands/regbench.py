@@ -56,6 +56,13 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
+def _orders(text: str) -> list[int]:
+    orders = _int_list(text) if text.strip() else []
+    if any(order < 1 for order in orders):
+        raise argparse.ArgumentTypeError(f"n-gram orders must be >= 1, got {text!r}")
+    return orders
+
+
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "regbench",
@@ -85,6 +92,12 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--reference-data", metavar="F", help="train/val/test on a data set written by the benchmark's own generator"
     )
+    parser.add_argument(
+        "--ngram",
+        type=_orders,
+        default=[2, 3],
+        help="orders of the training-free in-context n-gram anchors to score on each test split ('' for none)",
+    )
     parser.add_argument("--json", metavar="F", help="write the result rows as JSON to F")
     parser.add_argument("--png", metavar="F", help="write the accuracy/TVD figure to F")
     parser.set_defaults(run=run)
@@ -107,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
     from memory_mosaics.tasks.regbench.data import RegBenchConfig, RegBenchSplits, generate_regbench, load_reference
     from memory_mosaics.tasks.regbench.harness import TrainConfig, run_model
     from memory_mosaics.tasks.regbench.models import MODELS
+    from memory_mosaics.tasks.regbench.ngram import score_ngram
     from memory_mosaics.tasks.regbench.published import published
 
     settings = _settings(args)
@@ -139,6 +153,21 @@ def run(args: argparse.Namespace) -> int:
                 dtype=settings["dtype"],
                 seed=seed,
             )
+            for order in args.ngram:
+                clock = time.perf_counter()
+                sums = score_ngram(splits.test, order, settings["max_len"])
+                rows.append(
+                    {
+                        "model": f"ngram-{order}",
+                        "num_train_dfas": len(splits.train),
+                        "seed": seed,
+                        "accuracy": sums.accuracy,
+                        "tvd": sums.tvd,
+                        "params": 0,
+                        "seconds": round(time.perf_counter() - clock, 1),
+                        "settings": {**settings, "device": "cpu", "reference_data": args.reference_data},
+                    }
+                )
             for name in models:
                 bar = tqdm(desc=f"{name} @{num_train} seed {seed}", unit="step", leave=False)
 

@@ -33,7 +33,14 @@ def plot_regbench(rows: list[dict], path: str | Path, title: str = "") -> Path:
     means = mean_by_model(rows)
     fig, (ax_acc, ax_tvd) = plt.subplots(1, 2, figsize=(11, 4.2))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, (model, points) in enumerate(means.items()):
+    anchors = {model: points for model, points in means.items() if model.startswith("ngram-")}
+    for model, points in anchors.items():  # training-free: one level, drawn across the axis
+        acc, tvd = (sum(p[k] for p in points.values()) / len(points) for k in (0, 1))
+        style = dict(color="grey", ls=":", lw=1, label=f"in-context {model} (no training)")
+        ax_acc.axhline(acc, **style)
+        ax_tvd.axhline(tvd, **style)
+    trained = [(model, points) for model, points in means.items() if model not in anchors]
+    for i, (model, points) in enumerate(trained):
         colour = colours[i % len(colours)]
         sizes = sorted(points)
         for ax, k in ((ax_acc, 0), (ax_tvd, 1)):
