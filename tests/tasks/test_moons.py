@@ -20,9 +20,7 @@ from memory_mosaics.tasks.moons.model import (
 from memory_mosaics.tasks.moons.train import MoonsTrainConfig, learning_rate
 
 
-def assert_close(
-    actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-5, atol: float = 1e-6
-) -> None:
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-5, atol: float = 1e-6) -> None:
     """Like torch.testing.assert_close, without its slow first import (~10 s on a busy machine)."""
     assert actual.shape == expected.shape, (actual.shape, expected.shape)
     worst = ((actual - expected).abs() - rtol * expected.abs()).max().item()
@@ -216,6 +214,15 @@ def test_error_vs_context_is_aligned_with_the_period():
             assert err > 0.01, (length, err)
         else:  # also exercises the delayed write: after P steps the copier reads generated values
             assert err < 1e-4, (length, err)
+
+
+def test_generation_without_value_writes_reproduces_the_authors_cache_bug():
+    """Without the delayed write the copier reads zeros once it reaches generated positions."""
+    model, x, y = _periodic_copier(8, 60)
+    right = error_vs_context(model, x, y, context_lengths=[9, 20], num_predictions=25)
+    buggy = error_vs_context(model, x, y, context_lengths=[9, 20], num_predictions=25, write_values=False)
+    assert right.max() < 1e-4
+    assert buggy.min() > 0.05
 
 
 def test_error_vs_context_first_step_equals_teacher_forced_error(moons):

@@ -47,12 +47,15 @@ def error_vs_context(
     y: torch.Tensor,
     context_lengths: list[int],
     num_predictions: int = 25,
+    write_values: bool = True,
 ) -> torch.Tensor:
     """Mean |prediction - truth| of a free-running continuation, for each context length.
 
     For context length L the model sees x_0..x_{L-1}, predicts y_{L-1} (= x_L), feeds that back,
     and so on for `num_predictions` steps; prediction j is compared with y_{L-1+j}. The error is
     averaged over the steps, the windows and the 6 coordinates. x, y: (B, T, 6) with y = next x.
+    `write_values=False` generates the authors' way, never storing the values of the last prompt
+    position and of the generated ones (their cache bug), for comparison only.
     """
     longest = max(context_lengths)
     if min(context_lengths) < 1 or longest + num_predictions - 1 > x.shape[1]:
@@ -67,10 +70,32 @@ def error_vs_context(
         cache = MoonsCache.from_prefix(keys, values, length, capacity=length + num_predictions - 1)
         predictions = [teacher_forced[:, length - 1]]
         for _ in range(num_predictions - 1):
-            predictions.append(model.step(predictions[-1], cache))
+            predictions.append(model.step(predictions[-1], cache, write_value=write_values))
         truth = y[:, length - 1 : length - 1 + num_predictions]
         errors.append((torch.stack(predictions, dim=1) - truth).abs().mean())
     return torch.stack(errors)
+
+
+def error_bands(
+    context_lengths: list[int], curve: list[float], periods: list[float], joint: float, margin: int = 5
+) -> dict[str, float | None]:
+    """Mean error over three ranges of context length L (periods in tokens).
+
+    before_longest_period: L <= the longest moon period (some moon has not come round yet);
+    longest_to_joint_period: longest + margin <= L <= joint (each moon has, the joint sky has not);
+    after_joint_period: L >= joint + margin. A range without any measured L gives None.
+    """
+    longest = max(periods)
+    bands = {
+        "before_longest_period": lambda n: n <= longest,
+        "longest_to_joint_period": lambda n: longest + margin <= n <= joint,
+        "after_joint_period": lambda n: n >= joint + margin,
+    }
+    means = {}
+    for name, inside in bands.items():
+        values = [e for n, e in zip(context_lengths, curve, strict=True) if inside(n)]
+        means[name] = sum(values) / len(values) if values else None
+    return means
 
 
 @torch.no_grad()

@@ -19,6 +19,7 @@ from memory_mosaics.errors import ConfigError
 from memory_mosaics.tasks.moons import plots
 from memory_mosaics.tasks.moons.analysis import (
     disentanglement,
+    error_bands,
     error_vs_context,
     one_step_error_vs_context,
     retrieval_phase_match,
@@ -58,26 +59,12 @@ class MoonsExperimentConfig:
         return asdict(self)
 
 
-def _band_means(context_lengths: list[int], curve: list[float], periods: list[float], joint: float, margin: int):
-    """Mean error before the longest own period, between it and the joint period, after the joint one."""
-    longest = max(periods)
-    bands = {
-        "before_longest_period": lambda n: n <= longest,
-        "longest_to_joint_period": lambda n: longest + margin <= n <= joint,
-        "after_joint_period": lambda n: n >= joint + margin,
-    }
-    means = {}
-    for name, inside in bands.items():
-        values = [e for n, e in zip(context_lengths, curve, strict=True) if inside(n)]
-        means[name] = sum(values) / len(values) if values else None
-    return means
-
-
 def _evaluate_triple(model, data, triple, windows, config, context_lengths) -> dict:
     periods, joint = data.period_tokens(triple)
     x, y = windows
     pred, _ = model(x)
     curve = error_vs_context(model, x, y, context_lengths, config.num_predictions).tolist()
+    without_write = error_vs_context(model, x, y, context_lengths, config.num_predictions, write_values=False)
     one_step = one_step_error_vs_context(model, x, y).tolist()  # entry L-1: context length L
     every_length = list(range(1, len(one_step) + 1))
     return {
@@ -87,9 +74,13 @@ def _evaluate_triple(model, data, triple, windows, config, context_lengths) -> d
         "teacher_forced_loss": clipped_mse(pred, y).item(),
         "teacher_forced_mae": (pred - y).abs().mean().item(),
         "error_vs_context": curve,
-        "error_bands": _band_means(context_lengths, curve, periods, joint, config.margin),
+        "error_bands": error_bands(context_lengths, curve, periods, joint, config.margin),
+        "error_vs_context_authors_cache": without_write.tolist(),
+        "error_bands_authors_cache": error_bands(
+            context_lengths, without_write.tolist(), periods, joint, config.margin
+        ),
         "one_step_error_vs_context": one_step,
-        "one_step_error_bands": _band_means(every_length, one_step, periods, joint, config.margin),
+        "one_step_error_bands": error_bands(every_length, one_step, periods, joint, config.margin),
     }
 
 
@@ -118,7 +109,7 @@ def run_experiment(
         windows[name], starts = _eval_windows(data, triple, config.eval_windows, seq_len, seed=1000 + i)
         windows[name + "_phases"] = data.angles(triple)[starts[:, None] + torch.arange(seq_len + 1)]
 
-    runs, curves, one_step_curves = [], {}, {}
+    runs, curves, buggy_curves, one_step_curves = [], {}, {}, {}
     for n_head, head_dim in config.heads:
         label = f"{n_head} head{'s' if n_head > 1 else ''} x {head_dim}"
         started = time.perf_counter()
@@ -157,6 +148,7 @@ def run_experiment(
             }
         )
         curves[label] = held_out["error_vs_context"]
+        buggy_curves[label] = held_out["error_vs_context_authors_cache"]
         one_step_curves[label] = held_out["one_step_error_vs_context"]
         save_file(
             {name: p.detach().contiguous() for name, p in model.state_dict().items()},
@@ -170,6 +162,7 @@ def run_experiment(
         out_dir / "error_vs_context.png",
         [
             (f"{config.num_predictions} free-running steps", context_lengths, curves),
+            ("the same, values never written (authors' cache)", context_lengths, buggy_curves),
             ("one teacher-forced step", list(range(1, seq_len + 1)), one_step_curves),
         ],
         periods,

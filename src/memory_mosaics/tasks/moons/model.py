@@ -176,12 +176,17 @@ class MoonsMemory(nn.Module):
         return MoonsCache(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype), 0)
 
     @torch.no_grad()
-    def step(self, x_t: torch.Tensor, cache: MoonsCache) -> torch.Tensor:
-        """Take the next input x_t (B, 6); return the prediction of x_{t+1} (B, 6)."""
+    def step(self, x_t: torch.Tensor, cache: MoonsCache, write_value: bool = True) -> torch.Tensor:
+        """Take the next input x_t (B, 6); return the prediction of x_{t+1} (B, 6).
+
+        `write_value=False` skips the delayed write, which reproduces the authors' cached generation
+        (spec §10 item 10: their values stay 0 from the last prompt position on); it exists only to
+        measure what that bug changes.
+        """
         t = cache.length
         if t >= cache.capacity:
             raise ConfigError(f"cache is full ({cache.capacity} positions); allocate a larger one")
-        if t > 0:
+        if t > 0 and write_value:
             # The delayed write: position t-1's value is what followed it, i.e. x_t.
             cache.values[:, :, t - 1] = self._split_heads(self.value(x_t[:, None]))[:, :, 0]
         query = self._split_heads(self.key(x_t[:, None]))  # (B, H, 1, d)
