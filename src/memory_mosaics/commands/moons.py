@@ -16,7 +16,7 @@ from memory_mosaics.errors import ConfigError
 
 # --quick: short training on shorter windows, a coarser error curve. Enough for the qualitative result
 # (see docs/moons.md); not the paper's recipe.
-QUICK = {"steps": 150, "batch_size": 16, "seq_len": 400, "eval_windows": 64, "context_stride": 4}
+QUICK = {"steps": 200, "batch_size": 8, "seq_len": 400, "eval_windows": 64, "context_stride": 4}
 
 
 def register(subparsers) -> None:
@@ -29,17 +29,20 @@ def register(subparsers) -> None:
             "of a 25-step free-running continuation against the context length on the held-out moon "
             "triple, compute the disentanglement score (docs/moons.md), and write PNG figures to --out."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--out", default="out/moons", help="folder for the PNG figures and results.json")
+    parser.add_argument(
+        "--out", default="out/moons", help="folder for the PNG figures, weights and results.json (default out/moons)"
+    )
     parser.add_argument("--json", metavar="F", help="also write the results as JSON to F")
-    parser.add_argument("--steps", type=int, help="training steps (default 500; 150 with --quick)")
-    parser.add_argument("--batch-size", type=int, help="windows per step (default 64; 16 with --quick)")
+    parser.add_argument("--steps", type=int, help="training steps (default 500; 200 with --quick)")
+    parser.add_argument("--batch-size", type=int, help="windows per step (default 64; 8 with --quick)")
     parser.add_argument("--seq-len", type=int, help="window length (default 800; 400 with --quick)")
-    parser.add_argument("--eval-windows", type=int, help="windows in the error curves (default 512)")
-    parser.add_argument("--context-stride", type=int, help="evaluate every k-th context length (default 1)")
-    parser.add_argument("--quick", action="store_true", help="a short run of a minute or two: " + str(QUICK))
-    parser.add_argument("--seed", type=int, default=100, help="seed of initialisation and batches")
+    parser.add_argument("--eval-windows", type=int, help="windows in the error curves (default 512; 64 with --quick)")
+    parser.add_argument(
+        "--context-stride", type=int, help="evaluate every k-th context length (default 1; 4 with --quick)"
+    )
+    parser.add_argument("--quick", action="store_true", help="a short run (a minute or two): " + str(QUICK))
+    parser.add_argument("--seed", type=int, default=100, help="seed of initialisation and batches (default 100)")
     parser.set_defaults(run=run)
 
 
@@ -76,6 +79,8 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a folder")
+    if args.json and not Path(args.json).resolve().parent.is_dir():
+        raise ConfigError(f"--json {args.json}: folder {Path(args.json).parent} does not exist; create it first")
     bars: dict[str, tqdm] = {}
 
     def on_step(label: str, step: int, loss: float) -> None:

@@ -15,6 +15,11 @@ from memory_mosaics.tasks.moons.model import MoonsMemory
 MOON_COLORS = ("tab:blue", "tab:orange", "tab:green")
 
 
+def _np(values):
+    """matplotlib wants numpy arrays; tensors go through numpy's deprecated copy path otherwise."""
+    return values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else values
+
+
 def _period_lines(ax, periods: list[float], joint: float, origin: float = 0.0, label: bool = False) -> None:
     """Grey dashed lines at each moon period, a red line at the joint period (in tokens from origin)."""
     for i, p in enumerate(periods):
@@ -35,13 +40,14 @@ def plot_generations(
     """
     fig, axes = plt.subplots(3, len(panels), figsize=(6 * len(panels), 7), sharex=True, squeeze=False)
     for col, panel in enumerate(panels):
-        steps = torch.arange(panel["truth"].shape[0])
-        gen_steps = prompt_len - 1 + torch.arange(panel["generated"].shape[0])
+        truth, teacher, generated = (_np(panel[k]) for k in ("truth", "teacher", "generated"))
+        steps = range(truth.shape[0])
+        gen_steps = range(prompt_len - 1, prompt_len - 1 + generated.shape[0])
         for moon in range(3):
             ax = axes[moon, col]
-            ax.plot(steps, panel["truth"][:, 2 * moon], color="black", lw=1.5, label="truth")
-            ax.plot(steps, panel["teacher"][:, 2 * moon], color=MOON_COLORS[moon], lw=0.8, label="teacher-forced")
-            ax.plot(gen_steps, panel["generated"][:, 2 * moon], color="magenta", lw=0.8, ls=":", label="generated")
+            ax.plot(steps, truth[:, 2 * moon], color="black", lw=1.5, label="truth")
+            ax.plot(steps, teacher[:, 2 * moon], color=MOON_COLORS[moon], lw=0.8, label="teacher-forced")
+            ax.plot(gen_steps, generated[:, 2 * moon], color="magenta", lw=0.8, ls=":", label="generated")
             ax.axvline(prompt_len - 1, color="black", lw=0.5)
             _period_lines(ax, panel["periods"], panel["joint"], label=moon == 0)
             ax.set_xlim(0, len(steps) - 1)
@@ -90,7 +96,7 @@ def plot_attention(path: Path, attention: torch.Tensor, title: str) -> None:
     fig, axes = plt.subplots(1, n_head, figsize=(5 * n_head, 5), squeeze=False)
     for h in range(n_head):
         ax = axes[0, h]
-        ax.imshow(attention[h].sqrt(), cmap="viridis", interpolation="nearest")  # sqrt shows weak weights
+        ax.imshow(_np(attention[h].sqrt()), cmap="viridis", interpolation="nearest")  # sqrt shows weak weights
         ax.set_title(f"head {h + 1}")
         ax.set_xlabel("key position s")
         ax.set_ylabel("query position t")
@@ -114,7 +120,7 @@ def plot_complex_blocks(path: Path, model: MoonsMemory, title: str) -> None:
     moons = [f"moon {j + 1}" for j in range(model.config.input_dim // 2)]
     fig, axes = plt.subplots(1, 3, figsize=(12, 4))
     for ax, (name, moduli) in zip(axes, maps.items(), strict=True):
-        moduli = moduli.detach()
+        moduli = _np(moduli)
         image = ax.imshow(moduli, cmap="magma", vmin=0)
         for i in range(moduli.shape[0]):
             for j in range(moduli.shape[1]):
