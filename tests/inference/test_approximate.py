@@ -121,3 +121,33 @@ def test_lsh_and_features_in_a_model_approach_exact():
     assert gap(retrieval="lsh", lsh_tables=32, lsh_bits=1) < 1e-5
     assert gap(retrieval="lsh", lsh_tables=16, lsh_bits=4) < gap(retrieval="lsh", lsh_tables=1, lsh_bits=4)
     assert gap(retrieval="features", num_features=4096) < gap(retrieval="features", num_features=8)
+
+
+def candidate_sets(index: torch.Tensor, valid: torch.Tensor) -> list[set[int]]:
+    return [set(i[v].tolist()) for i, v in zip(index.flatten(0, 2), valid.flatten(0, 2), strict=True)]
+
+
+def test_lsh_index_finds_exactly_the_scanned_candidates():
+    """The sorted index (binary search + tail, re-sorted as it grows, stale entries after evictions)
+    returns the same candidate set as comparing the query's codes with every stored key's."""
+    from memory_mosaics.inference.bounded import LRU, SlotMemory
+
+    torch.manual_seed(0)
+    length = 700  # past the first re-sort (tail > 256)
+    keys = F.normalize(torch.randn(2, HEADS, length, DIM), dim=-1) * 2.0
+    values = torch.randn(2, HEADS, length, DIM)
+    for capacity, policy in ((None, None), (90, LRU(0.05))):
+        hasher = HyperplaneHash(HEADS, DIM, tables=3, bits=4, generator=torch.Generator().manual_seed(1))
+        memory = SlotMemory(capacity, policy, shift=1, hasher=hasher)
+        memory.extend_and_read(keys[:, :, :50], keys[:, :, :49], values[:, :, :49], 0)  # a prefill chunk
+        for t in range(50, length):
+            memory.extend_and_read(keys[:, :, t : t + 1], keys[:, :, t - 1 : t], values[:, :, t - 1 : t], t)
+            if t % 37 and t != length - 1:
+                continue
+            query_codes = hasher.codes(keys[:, :, t : t + 1])
+            index, valid = memory.index.candidates(query_codes, memory.codes)
+            scanned = lsh_candidates(query_codes, memory.codes[..., : memory.filled])[:, :, 0]
+            expected = [set(row.nonzero().flatten().tolist()) for row in scanned.flatten(0, 1)]
+            assert candidate_sets(index, valid) == expected, (capacity, t)
+            assert int(valid.sum()) == int(scanned.sum())  # no duplicates
+        assert memory.index.sorted_codes is not None

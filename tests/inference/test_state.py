@@ -50,14 +50,21 @@ def test_mosaic_first_positions_read_nothing():
     assert all(layer.memory.filled == 1 for layer in state.layers)
 
 
-@pytest.mark.parametrize("retrieval", ["exact", "lsh", "features"])
-def test_mosaic_chunking_does_not_change_approximate_or_bounded_results(retrieval):
-    """Bounded and approximate memories are defined step by step, so any split gives the same logits."""
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"memory_size": 6, "eviction": "lru"},
+        {"memory_size": 6, "eviction": "fifo"},
+        {"memory_size": 6, "eviction": "sink+recent", "sink_size": 2},
+        {"memory_size": 6, "retrieval": "lsh"},
+        {"retrieval": "features"},
+    ],
+)
+def test_mosaic_chunking_does_not_change_approximate_or_bounded_results(options):
+    """Bounded and approximate memories are defined step by step, so any split gives the same logits
+    (a long chunk takes another code path than single steps: overwrite vs window, gathered vs masked)."""
     model = tiny_mosaic(seed=4)
     idx = torch.randint(0, VOCAB, (2, LENGTH), generator=torch.Generator().manual_seed(2))
-    options = {"retrieval": retrieval}
-    if retrieval != "features":
-        options.update(memory_size=6, eviction="lru")
     reference, _ = run_chunks(model, idx, [1] * LENGTH, **options)
     for sizes in SPLITS[:1] + SPLITS[2:]:
         stepped, _ = run_chunks(model, idx, sizes, **options)

@@ -47,7 +47,7 @@ class HyperplaneHash:
         """(B, H, n, d) -> (B, H, tables, n) int32 bucket codes."""
         batch, heads, length, _ = x.shape
         signs = (x @ self.planes > 0).view(batch, heads, length, self.tables, self.bits)
-        return (signs.to(torch.int32) * self.powers).sum(-1, dtype=torch.int32).transpose(-1, -2)
+        return (signs.to(torch.int32) * self.powers).sum(-1, dtype=torch.int32).transpose(-1, -2).contiguous()
 
 
 def lsh_candidates(query_codes: Tensor, key_codes: Tensor) -> Tensor:
@@ -59,37 +59,106 @@ def lsh_candidates(query_codes: Tensor, key_codes: Tensor) -> Tensor:
     return match
 
 
-def gathered_read(queries: Tensor, keys: Tensor, values: Tensor, candidates: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Exact softmax restricted to each query's candidates, scoring only those.
-
-    queries (B, H, n, d); keys/values (B, H, N, d); candidates (B, H, n, N) bool.
-    Returns reads (B, H, n, d), and the candidates as `index` (B, H, n, K) with their `weights`
-    (B, H, n, K) (zero on padding). A query without candidates reads zero.
-    """
-    batch, heads, n, stored = candidates.shape
-    dim = keys.shape[-1]
+def pack_candidates(candidates: Tensor) -> tuple[Tensor, Tensor]:
+    """(..., N) bool -> the candidate columns packed to the left: index (..., K) and valid (..., K)."""
+    *lead, stored = candidates.shape
     counts = candidates.sum(-1).reshape(-1)
     width = int(counts.max()) if counts.numel() else 0
-    if width == 0:
-        empty = torch.zeros(batch, heads, n, 0, dtype=torch.long, device=keys.device)
-        return queries.new_zeros(batch, heads, n, values.shape[-1]), empty, empty.to(queries.dtype)
-    # Pack each row's candidate columns to the left of a (rows, width) table, padded with slot 0.
     row, column = candidates.reshape(-1, stored).nonzero(as_tuple=True)
     rank = torch.arange(row.numel(), device=row.device) - (counts.cumsum(0) - counts)[row]
-    index = torch.zeros(batch * heads * n, width, dtype=torch.long, device=keys.device)
-    valid = torch.zeros(batch * heads * n, width, dtype=torch.bool, device=keys.device)
+    index = torch.zeros(counts.numel(), width, dtype=torch.long, device=candidates.device)
+    valid = torch.zeros(counts.numel(), width, dtype=torch.bool, device=candidates.device)
     index[row, rank] = column
     valid[row, rank] = True
-    index, valid = index.view(batch, heads, n, width), valid.view(batch, heads, n, width)
+    return index.view(*lead, width), valid.view(*lead, width)
 
-    flat = index.view(batch, heads, n * width, 1)
-    cand_keys = keys.gather(2, flat.expand(-1, -1, -1, dim)).view(batch, heads, n, width, dim)
-    cand_values = values.gather(2, flat.expand(-1, -1, -1, values.shape[-1])).view(batch, heads, n, width, -1)
+
+def candidate_read(
+    queries: Tensor, keys: Tensor, values: Tensor, index: Tensor, valid: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Exact softmax over each query's candidates only: index/valid (B, H, n, K) name rows of keys/values
+    (B, H, N, d). Returns reads (B, H, n, d) and weights (B, H, n, K), zero where not valid; a query
+    without a valid candidate reads zero."""
+    batch, heads, n, width = index.shape
+    stored, dim = keys.shape[2], keys.shape[3]
+    if width == 0:
+        return queries.new_zeros(batch, heads, n, values.shape[-1]), queries.new_zeros(batch, heads, n, 0)
+    # Rows of the flattened (B*H*N, d) tables: index_select copies whole rows, far faster than gather.
+    rows = (torch.arange(batch * heads, device=index.device).view(batch, heads, 1, 1) * stored + index).flatten()
+    cand_keys = keys.reshape(-1, dim).index_select(0, rows).view(batch, heads, n, width, dim)
+    cand_values = values.reshape(-1, values.shape[-1]).index_select(0, rows).view(batch, heads, n, width, -1)
     scores = (cand_keys @ queries.unsqueeze(-1)).squeeze(-1).masked_fill(~valid, float("-inf"))
-    has_any = valid[..., :1].clone()  # candidates are packed left: column 0 is valid iff any is
+    has_any = valid.any(-1, keepdim=True)
     weights = torch.softmax(scores.masked_fill(~has_any, 0.0), dim=-1) * valid
-    reads = (weights.unsqueeze(-2) @ cand_values).squeeze(-2)
+    return (weights.unsqueeze(-2) @ cand_values).squeeze(-2), weights
+
+
+def gathered_read(queries: Tensor, keys: Tensor, values: Tensor, candidates: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """`candidate_read` for a (B, H, n, N) bool mask of candidates; also returns the packed index."""
+    index, valid = pack_candidates(candidates)
+    reads, weights = candidate_read(queries, keys, values, index, valid)
     return reads, index, weights
+
+
+class LSHIndex:
+    """A query's LSH candidates without scanning every stored key.
+
+    Per (row, head, table) the index keeps the slots sorted by bucket code, so a binary search gives the
+    query's bucket as a range, plus a tail of the slots written since the last sort, which is scanned.
+    The tail is sorted in once it exceeds max(256, 4 sqrt(N)): a query costs O(tables * bucket + tail)
+    and a write O(log N) amortised. A slot overwritten by eviction leaves a stale sorted entry until the
+    next sort; entries are checked against the slot's current code, and duplicates are dropped, so the
+    candidates are exactly those of the full scan (`lsh_candidates`).
+    """
+
+    def __init__(self):
+        self.sorted_codes = self.sorted_slots = self.tail = None
+
+    def wrote(self, slots: Tensor, codes: Tensor, filled: int) -> None:
+        """Record writes to `slots` (B, H, c); codes (B, H, tables, capacity) already hold their codes."""
+        self.tail = slots if self.tail is None else torch.cat([self.tail, slots], dim=-1)
+        if self.tail.shape[-1] > max(256, 4 * int(filled**0.5)):
+            self.rebuild(codes, filled)
+
+    def rebuild(self, codes: Tensor, filled: int) -> None:
+        self.sorted_codes, self.sorted_slots = codes[..., :filled].sort(dim=-1, stable=True)
+        self.tail = None
+
+    def candidates(self, query_codes: Tensor, codes: Tensor) -> tuple[Tensor, Tensor]:
+        """query_codes (B, H, tables, n) -> slot index (B, H, n, K) and valid (B, H, n, K), no duplicates."""
+        batch, heads, tables, n = query_codes.shape
+        indices, valids = [], []
+        if self.sorted_codes is not None:
+            low = torch.searchsorted(self.sorted_codes, query_codes)  # (B, H, tables, n)
+            high = torch.searchsorted(self.sorted_codes, query_codes, right=True)
+            width = int((high - low).max())
+            if width:
+                offsets = low.unsqueeze(-1) + torch.arange(width, device=low.device)  # (B, H, tables, n, W)
+                in_bucket = offsets < high.unsqueeze(-1)
+                last = self.sorted_slots.shape[-1] - 1
+                slots = self.sorted_slots.gather(-1, offsets.clamp(max=last).flatten(-2)).view_as(offsets)
+                current = codes.gather(-1, slots.flatten(-2)).view_as(slots)  # a stale entry: the slot was
+                fresh = current == query_codes.unsqueeze(-1)  # overwritten by a pair in another bucket
+                indices.append(slots.transpose(2, 3).reshape(batch, heads, n, -1))
+                valids.append((in_bucket & fresh).transpose(2, 3).reshape(batch, heads, n, -1))
+        if self.tail is not None:
+            tail_codes = codes.gather(-1, self.tail.unsqueeze(2).expand(-1, -1, tables, -1))  # (B, H, tables, R)
+            hit = (tail_codes.unsqueeze(-2) == query_codes.unsqueeze(-1)).any(dim=2)  # (B, H, n, R)
+            indices.append(self.tail.unsqueeze(2).expand(-1, -1, n, -1))
+            valids.append(hit)
+        if not indices:
+            empty = torch.zeros(batch, heads, n, 0, dtype=torch.long, device=query_codes.device)
+            return empty, empty.bool()
+        # A key in the query's bucket in several tables (or in both the sort and the tail) counts once.
+        keyed = torch.where(torch.cat(valids, -1), torch.cat(indices, -1), -1).sort(dim=-1).values
+        repeat = torch.zeros_like(keyed, dtype=torch.bool)
+        repeat[..., 1:] = keyed[..., 1:] == keyed[..., :-1]
+        # Pack the distinct candidates to the left and cut the padding: only they are read and scored.
+        unused = torch.iinfo(keyed.dtype).max
+        packed = keyed.masked_fill((keyed < 0) | repeat, unused).sort(dim=-1).values
+        packed = packed[..., : int((packed != unused).sum(-1).max())]
+        valid = packed != unused
+        return packed.masked_fill(~valid, 0), valid
 
 
 def top_key_recall(scores: Tensor, candidates: Tensor, k: int, admissible: Tensor | None = None) -> float:
@@ -133,6 +202,7 @@ class RandomFeatureMemory:
 
     def __init__(self, key_scale: Tensor, head_dim: int, num_features: int, generator: torch.Generator):
         n_head = key_scale.shape[0]
+        self.head_dim = head_dim
         self.weights = orthogonal_gaussian(n_head, num_features, head_dim, generator)  # (H, F, d)
         # Tune A for pairs at 90 degrees (|q + k|^2 = 2 s^2): the bulk of the pairs in d dimensions.
         a = favor_plus_plus_a(head_dim, 2 * key_scale.detach().double().cpu() ** 2)
@@ -166,7 +236,7 @@ class RandomFeatureMemory:
     def read(self, query_features: Tensor) -> Tensor:
         """(B, H, F) -> (B, H, d): sum_f phi_f(q) S_f / sum_f phi_f(q) z_f."""
         if self.count == 0:
-            return query_features.new_zeros(*query_features.shape[:2], self.sums.shape[-1])
+            return query_features.new_zeros(*query_features.shape[:2], self.head_dim)
         logits = query_features + self.log_shift
         scale = torch.exp(logits - logits.amax(-1, keepdim=True))
         numerator = (scale.unsqueeze(-2) @ self.sums).squeeze(-2)
@@ -185,6 +255,11 @@ class RandomFeatureMemory:
                 self.write(key_features[:, :, j], values[:, :, j])
             reads.append(self.read(query_features[:, :, i]))
         return torch.stack(reads, dim=2)
+
+    def lookup(self, queries: Tensor) -> Tensor:
+        """Read for queries (B, H, n, d) without changing the memory (inspection, timing)."""
+        features = self._features(queries)
+        return torch.stack([self.read(features[:, :, i]) for i in range(queries.shape[2])], dim=2)
 
     def implied_weights(self, queries: Tensor, keys: Tensor) -> Tensor:
         """The retrieval weights this estimator implies, (B, H, n, N): for analysis (O(n N F))."""

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from memory_mosaics.inference.approximate import HyperplaneHash, gathered_read, lsh_candidates
+from memory_mosaics.inference.approximate import HyperplaneHash, LSHIndex, candidate_read, lsh_candidates
 
 # Largest score matrix (elements) built at once when a long chunk is read against many pairs.
 READ_BUDGET = 1 << 24
@@ -34,10 +34,19 @@ NEVER = -1  # last_used of an empty slot
 
 
 class EvictionPolicy:
-    """Picks the slot a full memory overwrites. Subclasses define `victim`; LRU also tracks use."""
+    """Picks the slot a full memory overwrites. Subclasses define `victim`; LRU also tracks use.
+
+    A positional policy (FIFO, SinkRecent) also says, through `window`, which pairs a full memory holds
+    when a query reads: then a long chunk can be served at once instead of step by step.
+    """
 
     name = ""
     tracks_use = False
+    positional = False
+
+    def window(self, pair: Tensor, limit: Tensor, capacity: int) -> Tensor:
+        """Positional policies: is pair `pair` held when the newest pair written is `limit`?"""
+        raise NotImplementedError
 
     def used(self, weights: Tensor) -> Tensor:
         """Which entries the reads with these retrieval weights used (only when `tracks_use`)."""
@@ -50,6 +59,10 @@ class EvictionPolicy:
 
 class FIFO(EvictionPolicy):
     name = "fifo"
+    positional = True
+
+    def window(self, pair: Tensor, limit: Tensor, capacity: int) -> Tensor:
+        return (pair <= limit) & (pair > limit - capacity)
 
     def victim(self, position: Tensor, last_used: Tensor | None) -> Tensor:
         return position.argmin(dim=-1)
@@ -57,9 +70,13 @@ class FIFO(EvictionPolicy):
 
 class SinkRecent(EvictionPolicy):
     name = "sink+recent"
+    positional = True
 
     def __init__(self, sink: int):
         self.sink = sink
+
+    def window(self, pair: Tensor, limit: Tensor, capacity: int) -> Tensor:
+        return (pair <= limit) & ((pair < self.sink) | (pair > limit - (capacity - self.sink)))
 
     def victim(self, position: Tensor, last_used: Tensor | None) -> Tensor:
         protected = position < self.sink
@@ -92,7 +109,8 @@ def make_policy(name: str, sink_size: int | None = None, lru_threshold: float | 
 def dense_read(queries: Tensor, keys: Tensor, values: Tensor, admissible: Tensor | None) -> tuple[Tensor, Tensor]:
     """Softmax over every admissible stored key (scale 1). A query with none reads exactly zero.
 
-    queries (B, H, n, d), keys/values (B, H, N, d), admissible (n, N) bool or None (all).
+    queries (B, H, n, d), keys/values (B, H, N, d), admissible bool broadcastable to (B, H, n, N), or
+    None (all).
     Returns reads (B, H, n, d) and weights (B, H, n, N).
     """
     scores = queries @ keys.transpose(-1, -2)
@@ -113,6 +131,7 @@ class SlotMemory:
         self.policy = policy
         self.shift = shift
         self.hasher = hasher
+        self.index = LSHIndex() if hasher is not None else None
         self.filled = 0
         self.keys = self.values = self.position = self.last_used = self.codes = None
 
@@ -155,9 +174,11 @@ class SlotMemory:
         self.position[:, :, slots] = pairs
         if self.last_used is not None:
             self.last_used[:, :, slots] = pairs + self.shift  # written at the step of its first reader
+        self.filled += c
         if self.codes is not None:
             self.codes[..., slots] = self.hasher.codes(keys)
-        self.filled += c
+            written = torch.arange(slots.start, slots.stop, device=keys.device).expand(*keys.shape[:2], c)
+            self.index.wrote(written, self.codes, self.filled)
 
     def _overwrite(self, key: Tensor, value: Tensor, pair: int) -> None:
         """Write one pair (B, H, 1, d) over the slot the policy picks in each (row, head)."""
@@ -170,21 +191,37 @@ class SlotMemory:
         if self.codes is not None:
             codes = self.hasher.codes(key)  # (B, H, tables, 1)
             self.codes.scatter_(3, slot[:, :, None].expand_as(codes), codes)
+            self.index.wrote(slot, self.codes, self.filled)
 
     # -- reading -------------------------------------------------------------------------------
 
-    def _read(self, queries: Tensor, times: Tensor, admissible: Tensor | None) -> Tensor:
-        """Read the first `filled` slots for queries at steps `times` (n,); mark used entries."""
+    def _read(self, queries: Tensor, times: Tensor, admissible: Tensor | None, pairs: tuple | None = None) -> Tensor:
+        """Read the first `filled` slots (or the given (keys, values, codes)) for queries at steps
+        `times` (n,); with LRU, mark the entries the reads used."""
         stored = self.filled
         keys, values = self.keys[:, :, :stored], self.values[:, :, :stored]
+        codes = None if self.codes is None else self.codes[..., :stored]
+        if pairs is not None:
+            keys, values, codes = pairs
+        index = None
         if self.hasher is None:
             reads, weights = dense_read(queries, keys, values, admissible)
-            index = None
-        else:
-            candidates = lsh_candidates(self.hasher.codes(queries), self.codes[..., :stored])
-            if admissible is not None:
-                candidates &= admissible
-            reads, index, weights = gathered_read(queries, keys, values, candidates)
+        elif pairs is None and queries.shape[2] == 1:
+            # Generation: the query's buckets from the sorted index; only those keys are read and scored.
+            index, valid = self.index.candidates(self.hasher.codes(queries), self.codes)
+            reads, weights = candidate_read(queries, self.keys, self.values, index, valid)
+        elif pairs is None:
+            # A chunk (prefill): copying each query's candidates would move more data than scoring every
+            # key once, so the candidates become a mask for one dense product (as costly as exact).
+            index, valid = self.index.candidates(self.hasher.codes(queries), self.codes)
+            mask = torch.zeros(*index.shape[:3], stored + 1, dtype=torch.bool, device=index.device)
+            mask.scatter_(-1, index.masked_fill(~valid, stored), True)  # invalid -> the extra column
+            candidates = mask[..., :stored] & admissible
+            reads, weights = dense_read(queries, keys, values, candidates)
+        else:  # a chunk over stored and new pairs (positional window): one masked product
+            candidates = lsh_candidates(self.hasher.codes(queries), codes)
+            candidates &= admissible
+            reads, weights = dense_read(queries, keys, values, candidates)
         if self.last_used is not None and weights.numel():
             when = torch.where(self.policy.used(weights), times[:, None], NEVER)
             if index is None:
@@ -203,6 +240,8 @@ class SlotMemory:
         if self.capacity is None or self.filled + c <= self.capacity:
             self._append(keys, values, start + n - c - self.shift)
             return self._read_chunk(queries, times)
+        if self.policy.positional and n > 1:
+            return self._read_window(queries, keys, values, times)
         reads = []
         for i in range(n):
             j = i - (n - c)
@@ -221,18 +260,58 @@ class SlotMemory:
     def _read_chunk(self, queries: Tensor, times: Tensor) -> Tensor:
         """Read a chunk after its pairs were appended; no eviction has happened, so slot order is
         position order in every row, and query t may read the slots whose pair is <= t - m."""
-        batch, heads, n, dim = queries.shape
+        batch, heads, n, _ = queries.shape
         if self.filled == 0:
             return torch.zeros_like(queries)
         positions = self.position[0, 0, : self.filled]
-        per_query = batch * heads * self.filled * (dim if self.hasher is not None else 1)
-        group = max(1, READ_BUDGET // per_query)
+        group = max(1, READ_BUDGET // (batch * heads * self.filled))
         reads = []
         for lo in range(0, n, group):
             hi = min(n, lo + group)
             admissible = positions[None, :] <= (times[lo:hi] - self.shift)[:, None]
             reads.append(self._read(queries[:, :, lo:hi], times[lo:hi], admissible))
         return torch.cat(reads, dim=2)
+
+    def _read_window(self, queries: Tensor, keys: Tensor, values: Tensor, times: Tensor) -> Tensor:
+        """A chunk that overflows a memory with a positional policy: every query reads the stored and new
+        pairs its window holds, then the memory keeps the window of the last query."""
+        self._ensure_room(keys, self.capacity)
+        batch, heads, n, _ = queries.shape
+        last = int(times[-1]) - self.shift
+        new_pairs = torch.arange(last - keys.shape[2] + 1, last + 1, device=keys.device)
+        stored = self.filled
+        pairs = torch.cat([self.position[0, 0, :stored], new_pairs])  # same in every row: positional
+        all_keys = torch.cat([self.keys[:, :, :stored], keys], dim=2)
+        all_values = torch.cat([self.values[:, :, :stored], values], dim=2)
+        all_codes = None
+        if self.hasher is not None:
+            all_codes = torch.cat([self.codes[..., :stored], self.hasher.codes(keys)], dim=-1)
+        stored_and_new = (all_keys, all_values, all_codes)
+        group = max(1, READ_BUDGET // (batch * heads * pairs.numel()))
+        reads = []
+        for lo in range(0, n, group):
+            limits = (times[lo : lo + group] - self.shift)[:, None]
+            admissible = self.policy.window(pairs[None, :], limits, self.capacity)
+            reads.append(self._read(queries[:, :, lo : lo + group], times[lo : lo + group], admissible, stored_and_new))
+        keep = self.policy.window(pairs, torch.tensor(last), self.capacity).nonzero().squeeze(-1)
+        self.keys[:, :, : keep.numel()] = all_keys[:, :, keep]
+        self.values[:, :, : keep.numel()] = all_values[:, :, keep]
+        self.position[:, :, : keep.numel()] = pairs[keep]
+        self.filled = keep.numel()
+        if self.codes is not None:
+            self.codes[..., : keep.numel()] = all_codes[..., keep]
+            self.index.rebuild(self.codes, self.filled)
+        return torch.cat(reads, dim=2)
+
+    def lookup(self, queries: Tensor) -> Tensor:
+        """Read everything stored for queries (B, H, n, d) without changing the memory (inspection, timing)."""
+        if self.filled == 0:
+            return torch.zeros_like(queries)
+        last_used, self.last_used = self.last_used, None
+        try:
+            return self._read(queries, torch.zeros(queries.shape[2], dtype=torch.long), None)
+        finally:
+            self.last_used = last_used
 
     def nbytes(self) -> int:
         tensors = (self.keys, self.values, self.position, self.last_used, self.codes)
