@@ -38,16 +38,25 @@ def assert_same_outputs_and_gradients(fast, reference, x):
 @pytest.mark.parametrize("length", [1, 2, 9, 40])
 @pytest.mark.parametrize("value_kind", ["lowrank", "kernel2"])
 @pytest.mark.parametrize("shift", [1, 2])
-def test_context_memory_fast_equals_plain(length, value_kind, shift):
+@pytest.mark.parametrize("bias", [False, True])
+def test_context_memory_fast_equals_plain(length, value_kind, shift, bias):
     fast, reference = twin_modules(
-        ContextMemory, n_embd=24, n_head=3, n_layer=2, shift=shift, value_kind=value_kind, chunk_size=8
+        ContextMemory, n_embd=24, n_head=3, n_layer=2, shift=shift, value_kind=value_kind, chunk_size=8, bias=bias
     )
+    if bias:  # non-zero biases, so that a bias dropped or misplaced by the fused path shows
+        with torch.no_grad():
+            for module in (fast, reference):
+                torch.manual_seed(1)
+                for name, param in module.named_parameters():
+                    if name.endswith("bias"):
+                        param.normal_()
     assert_same_outputs_and_gradients(fast, reference, torch.randn(2, length, 24, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("count", [1, 2])
-def test_persistent_memory_fast_equals_plain(count):
-    fast, reference = twin_modules(PersistentMemory, n_embd=16, n_head=2, size=56, count=count, chunk_size=4)
+@pytest.mark.parametrize("bias", [False, True])
+def test_persistent_memory_fast_equals_plain(count, bias):
+    fast, reference = twin_modules(PersistentMemory, n_embd=16, n_head=2, size=56, count=count, chunk_size=4, bias=bias)
     assert_same_outputs_and_gradients(fast, reference, torch.randn(3, 11, 16, dtype=torch.float64))
 
 

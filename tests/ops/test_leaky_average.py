@@ -98,3 +98,34 @@ def test_no_t_by_t_tensor_in_the_fast_form():
 def test_shape_errors_are_clear():
     with pytest.raises(ValueError, match="beta must have shape"):
         leaky_average(torch.randn(1, 2, 5, 3), torch.ones(3))
+
+
+def test_gradient_of_the_initial_state():
+    x, beta = inputs(45, torch.float64, seed=4)
+    initial = torch.randn(2, len(DECAYS), 3, dtype=torch.float64)
+    weights = torch.randn_like(x)
+    grads = []
+    for fn in (lambda a, b, c: leaky_average(a, b, c, chunk_size=8), leaky_average_reference):
+        a, b, c = (t.detach().clone().requires_grad_() for t in (x, beta, initial))
+        (fn(a, b, c) * weights).sum().backward()
+        grads.append((a.grad, b.grad, c.grad))
+    for got, expected in zip(*grads, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("length", [5, 40, 96])
+def test_head_split_view_of_a_linear_output(length):
+    """The layer's input: heads split from a wider (B, T, 2C) projection, rows of stride 2C."""
+    generator = torch.Generator().manual_seed(5)
+    wide = torch.randn(2, length, 2 * 4 * 3, generator=generator, dtype=torch.float64)
+    beta = torch.tensor([0.05, 0.5, 2.0, 6.0], dtype=torch.float64)
+    weights = torch.randn(2, 4, length, 3, generator=generator, dtype=torch.float64)
+    grads = []
+    for fn in (lambda a, b: leaky_average(a, b, chunk_size=16), leaky_average_reference):
+        w, b = wide.clone().requires_grad_(), beta.clone().requires_grad_()
+        x = w[..., :12].view(2, length, 4, 3).transpose(1, 2)
+        y = fn(x, b)
+        (y * weights).sum().backward()
+        grads.append((y.detach(), w.grad, b.grad))
+    for got, expected in zip(*grads, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)

@@ -28,12 +28,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from memory_mosaics.ops import (
-    context_retrieval,
+    context_read,
     context_retrieval_reference,
     leaky_average,
     leaky_average_reference,
     persistent_retrieval,
     persistent_retrieval_reference,
+    scaled_normalize,
+    scaled_normalize_reference,
 )
 
 IMPLEMENTATIONS = ("fast", "reference")
@@ -58,13 +60,9 @@ def look_ahead(x: Tensor, shift: int) -> Tensor:
     return F.pad(x[:, shift:], (0, 0, 0, min(shift, x.shape[1])))
 
 
-def normalize_and_scale(x: Tensor, scale: Tensor) -> Tensor:
-    """scale_h * x / |x| over the last dim of (B, H, ..., d): one pass over x instead of two.
-
-    Like F.normalize, a zero vector stays zero (its norm is clamped away from 0).
-    """
-    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-12)
-    return x * (scale.to(x.dtype).view(-1, *([1] * (x.dim() - 2))) / norm)
+def normalize_and_scale(x: Tensor, scale: Tensor, impl: str = "fast") -> Tensor:
+    """scale_h * x / |x| over the last dim of (B, H, ..., d); a zero vector stays zero."""
+    return scaled_normalize_reference(x, scale) if impl == "reference" else scaled_normalize(x, scale)
 
 
 def init_linear(linear: nn.Linear, std: float | None = None) -> None:
@@ -106,15 +104,16 @@ class KeyFeatureExtractor(nn.Module):
 
     def finish(self, averaged: Tensor) -> Tensor:
         """Normalise a leaky-averaged projection (B, H, ..., d) and apply the per-head scale."""
-        return normalize_and_scale(averaged, self.scale())
+        return normalize_and_scale(averaged, self.scale(), self.impl)
+
+    def average(self, projected: Tensor) -> Tensor:
+        """The leaky average of projected inputs (B, H, T, d), each head with its own decay."""
+        if self.impl == "reference":
+            return leaky_average_reference(projected, self.decay())
+        return leaky_average(projected, self.decay(), chunk_size=self.chunk_size)
 
     def forward(self, x: Tensor) -> Tensor:
-        projected = split_heads(self.proj(x), self.n_head)
-        if self.impl == "reference":
-            averaged = leaky_average_reference(projected, self.decay())
-        else:
-            averaged = leaky_average(projected, self.decay(), chunk_size=self.chunk_size)
-        return self.finish(averaged)
+        return self.finish(self.average(split_heads(self.proj(x), self.n_head)))
 
 
 class ValueFeatureExtractor(nn.Module):
@@ -124,11 +123,14 @@ class ValueFeatureExtractor(nn.Module):
     kind "kernel2": a full kernel-2 convolution, u_t = W_0 x_t + W_1 x_{t+m} (+ b).
     """
 
-    def __init__(self, n_embd: int, n_head: int, bias: bool = False, shift: int = 1, kind: str = "lowrank"):
+    def __init__(
+        self, n_embd: int, n_head: int, bias: bool = False, shift: int = 1, kind: str = "lowrank", impl: str = "fast"
+    ):
         super().__init__()
         self.n_head = n_head
         self.shift = shift
         self.kind = kind
+        self.impl = impl
         self.value_scale = nn.Parameter(torch.full((n_head,), -0.05))
         if kind == "lowrank":
             self.proj = nn.Linear(n_embd, n_embd, bias=bias)
@@ -146,7 +148,7 @@ class ValueFeatureExtractor(nn.Module):
         return torch.lerp(projected_next, projected_now, mix)  # (1 - mix) * next + mix * now, one pass
 
     def finish(self, unnormalised: Tensor) -> Tensor:
-        return normalize_and_scale(unnormalised, torch.exp(10 * self.value_scale))
+        return normalize_and_scale(unnormalised, torch.exp(10 * self.value_scale), self.impl)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.kind == "lowrank":
@@ -185,16 +187,54 @@ class ContextMemory(nn.Module):
         self.impl = impl
         self.dropout = dropout
         self.key = KeyFeatureExtractor(n_embd, n_head, bias, scale_power=1, impl=impl, chunk_size=chunk_size)
-        self.value = ValueFeatureExtractor(n_embd, n_head, bias, shift=shift, kind=value_kind)
+        self.value = ValueFeatureExtractor(n_embd, n_head, bias, shift=shift, kind=value_kind, impl=impl)
         self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)
         init_linear(self.c_proj, std=(n_embd * n_layer) ** -0.5)
         self.resid_dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.impl != "reference":
+            return self.resid_dropout(self._fast_forward(x))
         keys, values = self.key(x), self.value(x)
-        retrieve = context_retrieval_reference if self.impl == "reference" else context_retrieval
-        read = retrieve(keys, values, self.shift, self.dropout, self.training)
+        read = context_retrieval_reference(keys, values, self.shift, self.dropout, self.training)
         return self.resid_dropout(self.c_proj(merge_heads(read)))
+
+    def _fast_forward(self, x: Tensor) -> Tensor:
+        """The same function with less traffic: one matrix product for key and value projections,
+        values built only for the positions that are ever read (s <= T - 1 - m), and the zero rows
+        t < m written after the output projection."""
+        batch, length, channels = x.shape
+        heads, shift = self.key.n_head, self.shift
+        if length <= shift:  # no position has a pair to read
+            return self.c_proj(torch.zeros_like(x))
+        key, value = self.key, self.value
+        weight = torch.cat([key.proj.weight, value.proj.weight])
+        bias = None
+        if key.proj.bias is not None:  # kernel2 values carry their bias after the taps are combined
+            value_bias = value.proj.bias
+            bias = torch.cat(
+                [key.proj.bias, key.proj.bias.new_zeros(value.proj.out_features) if value_bias is None else value_bias]
+            )
+        projected = F.linear(x, weight, bias)  # (B, T, C + C) or (B, T, C + 2C) for kernel2
+        keys = key.finish(key.average(split_heads(projected[..., :channels], heads)))
+
+        stored = length - shift
+        if value.kind == "lowrank":
+            taps = projected[..., channels:].view(batch, length, heads, -1)
+            mix = value.mix.to(taps.dtype)[:, None]
+            unnormalised = torch.lerp(taps[:, shift:], taps[:, :stored], mix).transpose(1, 2)
+        else:
+            now, ahead = projected[..., channels : 2 * channels], projected[..., 2 * channels :]
+            combined = now[:, :stored] + ahead[:, shift:]
+            if value.bias is not None:
+                combined = combined + value.bias
+            unnormalised = split_heads(combined, heads)
+        values = value.finish(unnormalised)
+
+        retrieved = context_read(keys, values, shift, self.dropout, self.training)
+        out = F.linear(merge_heads(retrieved), self.c_proj.weight)
+        out = F.pad(out, (0, 0, shift, 0))  # rows t < shift read nothing: c_proj(0) = its bias
+        return out if self.c_proj.bias is None else out + self.c_proj.bias
 
 
 class PersistentMemory(nn.Module):
@@ -231,9 +271,15 @@ class PersistentMemory(nn.Module):
 
     def read(self, queries: Tensor) -> Tensor:
         """Retrieve for queries (B, H, T, d) and apply the output scale; returns (B, T, C) before c_proj."""
-        retrieve = persistent_retrieval_reference if self.impl == "reference" else persistent_retrieval
-        read = retrieve(queries, self.memory_keys, self.memory_values, self.dropout, self.training)
-        return merge_heads(read * torch.exp(10 * self.out_scale).to(read.dtype)[:, None, None])
+        out_scale = torch.exp(10 * self.out_scale)[:, None, None]
+        if self.impl == "reference":
+            read = persistent_retrieval_reference(
+                queries, self.memory_keys, self.memory_values, self.dropout, self.training
+            )
+            return merge_heads(read * out_scale.to(read.dtype))
+        # The output scale is per head, so it can scale the (small) value tables instead of the reads.
+        values = self.memory_values * out_scale
+        return merge_heads(persistent_retrieval(queries, self.memory_keys, values, self.dropout, self.training))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.resid_dropout(self.c_proj(self.read(self.key(x))))

@@ -120,7 +120,9 @@ class MemoryMosaic(PretrainedModel):
         x = self.wte(idx)
         for block in self.blocks:
             x = block(x)
-        logits = self.lm_head(self.ln_f(x)) * self.logit_scale
+        # Scaling the (B, T, C) input of the head rather than its (B, T, V) output: same logits, 16x
+        # fewer multiplications at V = 4096, C = 256.
+        logits = self.lm_head(self.ln_f(x) * self.logit_scale)
         return logits, language_model_loss(logits, targets)
 
     def init_state(self, batch_size: int, **options):

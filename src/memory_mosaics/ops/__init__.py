@@ -5,7 +5,9 @@ from memory_mosaics.ops.leaky_average import (
     leaky_average_reference,
     leaky_average_step,
 )
+from memory_mosaics.ops.normalize import scaled_normalize, scaled_normalize_reference
 from memory_mosaics.ops.retrieval import (
+    context_read,
     context_retrieval,
     context_retrieval_reference,
     persistent_retrieval,
@@ -13,6 +15,7 @@ from memory_mosaics.ops.retrieval import (
 )
 
 __all__ = [
+    "context_read",
     "context_retrieval",
     "context_retrieval_reference",
     "leaky_average",
@@ -20,4 +23,6 @@ __all__ = [
     "leaky_average_step",
     "persistent_retrieval",
     "persistent_retrieval_reference",
+    "scaled_normalize",
+    "scaled_normalize_reference",
 ]

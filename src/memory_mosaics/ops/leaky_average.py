@@ -13,6 +13,9 @@ Three forms, which must agree:
 - `leaky_average`: the training form. Dense inside chunks of `chunk_size` steps; the state carried
   from chunk to chunk is itself a leaky average over the chunk index (decay beta * chunk_size), which is
   computed by the same function, so the cost is O(T * chunk_size) and no T x T tensor is ever built.
+  Its backward pass is written by hand (`LeakyAverage`): the gradient with respect to x is the same
+  scan run backwards in time, and the gradient with respect to beta is one dot product (see there),
+  so autograd never records the chunking's dozen small operations.
 - `leaky_average_step`: one step of the recurrence, for generation.
 
 Shapes: `x` is (..., H, T, D) and `beta` is (H,), non-negative. An optional `initial` state of shape
@@ -61,40 +64,97 @@ def leaky_average_reference(x: Tensor, beta: Tensor, initial: Tensor | None = No
     return y
 
 
+def _scan(x: Tensor, beta: Tensor, chunk_size: int, reverse: bool = False, initial: Tensor | None = None) -> Tensor:
+    """The chunked scan without autograd. Returns (..., H, T, D), stored head-major: (H, ..., T, D).
+
+    Forward in time (reverse=False): y_t = sum_{s <= t} a^(t-s) x_s + a^(t+1) initial, a = exp(-beta).
+    Backward in time (reverse=True):  y_s = sum_{t >= s} a^(t-s) x_t   (the transpose; no initial).
+
+    Head-major storage lets each head's chunks be one batched product with no copy when x comes from
+    a linear layer's output split into heads (rows of stride C): (B, T, d) -> (B * n_chunks, chunk, d).
+    """
+    *lead, heads, length, dim = x.shape
+    chunk = min(chunk_size, length)
+    n_chunks = -(-length // chunk)
+    padded = n_chunks * chunk
+    if padded != length:
+        # Zeros appended at the end change nothing before them in either direction: the forward
+        # scan only looks back, and the backward scan adds them with weight zero.
+        x = torch.nn.functional.pad(x, (0, 0, 0, padded - length))
+    weights = _decay_matrix(beta, chunk).to(x.dtype)  # inside a chunk: the dense form
+    if reverse:
+        weights = weights.transpose(-1, -2)
+    y = x.new_empty(heads, *lead, padded, dim)
+    for head in range(heads):
+        rows = x[..., head, :, :].reshape(-1, chunk, dim)  # a view for a split linear output
+        torch.matmul(weights[head], rows, out=y[head].view(-1, chunk, dim))
+    if n_chunks == 1 and initial is None:
+        return y.movedim(0, -3)[..., :length, :]
+
+    # What crosses a chunk border: forward, the last row of each chunk (its whole sum decayed to the
+    # chunk's end); backward, the first row. Between chunks the decay is a^chunk, so the state
+    # entering each chunk is itself a leaky average over the chunk index, computed by recursion.
+    blocks = y.view(heads, -1, n_chunks, chunk, dim)
+    if reverse:
+        starts = blocks[:, :, 1:, 0, :]
+        incoming = torch.cat([starts, torch.zeros_like(starts[:, :, :1])], dim=2)
+    else:
+        first = initial.to(x.dtype).movedim(-2, 0).reshape(heads, -1, 1, dim) if initial is not None else None
+        ends = blocks[:, :, :-1, -1, :]
+        incoming = torch.cat([first if first is not None else torch.zeros_like(ends[:, :, :1]), ends], dim=2)
+    entering = _scan(incoming.transpose(0, 1), beta * chunk, chunk_size, reverse)  # (batch, H, N, D)
+    powers = _decay_powers(beta, chunk, x.dtype)  # a^(i+1): weight of the state at row i
+    if reverse:
+        powers = powers.flip(-2)  # a^(chunk - i): rows further from the next chunk decay more
+    entering = entering.transpose(0, 1).reshape(heads, -1, 1, dim)
+    for head in range(heads):
+        block = y[head].view(-1, chunk, dim)
+        block.baddbmm_(powers[head].expand(block.shape[0], chunk, 1), entering[head])
+    return y.movedim(0, -3)[..., :length, :]
+
+
+class LeakyAverage(torch.autograd.Function):
+    """The chunked scan with a hand-written backward pass.
+
+    With G = dL/dx (the scan of the output gradient run backwards in time),
+        dL/dbeta_h  = -exp(-beta_h) * sum_t <G_t, y_{t-1}>          (y_{-1} = initial, or 0)
+        dL/dinitial = exp(-beta_h) * G_0
+    because d y_t / d beta = -sum_{s<t} (t-s) a^(t-s) x_s, and the lag-weighted sum regroups into a
+    double leaky sum: sum_{s<t} (t-s) a^(t-s) x_s = sum_{u<t} a^(t-u) y_u.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, beta: Tensor, initial: Tensor | None, chunk_size: int) -> Tensor:
+        beta = beta.detach()
+        y = _scan(x.detach(), beta, chunk_size, initial=None if initial is None else initial.detach())
+        ctx.save_for_backward(y, beta, initial)
+        ctx.chunk_size = chunk_size
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        y, beta, initial = ctx.saved_tensors
+        grad_x = _scan(grad, beta, ctx.chunk_size, reverse=True)
+        grad_beta = grad_initial = None
+        if ctx.needs_input_grad[1]:
+            # Sum the products in at least float32: bf16 partial sums would lose the small terms.
+            acc = torch.promote_types(grad_x.dtype, torch.float32)
+            lead = tuple(range(grad_x.dim() - 3))
+            dots = (grad_x[..., 1:, :] * y[..., :-1, :]).sum(dim=(*lead, -2, -1), dtype=acc)
+            if initial is not None:
+                dots = dots + (grad_x[..., 0, :] * initial.to(grad_x.dtype)).sum(dim=(*lead, -1), dtype=acc)
+            grad_beta = (-torch.exp(-beta.to(acc)) * dots).to(beta.dtype)
+        if initial is not None and ctx.needs_input_grad[2]:
+            grad_initial = (torch.exp(-beta).to(grad_x.dtype)[:, None] * grad_x[..., 0, :]).to(initial.dtype)
+        return grad_x, grad_beta, grad_initial, None
+
+
 def leaky_average(
     x: Tensor, beta: Tensor, initial: Tensor | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE
 ) -> Tensor:
     """Chunked form for training: equal to `leaky_average_reference`, in O(T * chunk_size)."""
     _check(x, beta)
-    length = x.shape[-2]
-    if length <= chunk_size:
-        return leaky_average_reference(x, beta, initial)
-
-    n_chunks = -(-length // chunk_size)
-    padded = n_chunks * chunk_size
-    if padded != length:
-        # Zeros appended at the end change nothing before them: the average only looks back.
-        x = torch.nn.functional.pad(x, (0, 0, 0, padded - length))
-    *lead, heads, _, dim = x.shape
-    chunks = x.reshape(*lead, heads, n_chunks, chunk_size, dim)
-
-    # Inside each chunk: the dense form, as if the chunk were a sequence of its own.
-    # (einsum lowers to one bmm over heads; a broadcast `@` would materialise the matrix per chunk.)
-    local = torch.einsum("hij,...hnjd->...hnid", _decay_matrix(beta, chunk_size).to(x.dtype), chunks)
-
-    # The full average at the end of chunk n is a leaky average over chunks of the chunks' own last
-    # rows, with decay beta * chunk_size; recursion keeps this linear in the number of chunks.
-    chunk_ends = local[..., -1, :]
-    if initial is not None:
-        chunk_ends = chunk_ends.clone()
-        chunk_ends[..., 0, :] += torch.exp(-beta * chunk_size).to(x.dtype)[:, None] * initial
-    carried = leaky_average(chunk_ends, beta * chunk_size, chunk_size=chunk_size)
-
-    # State entering chunk n: the full average at the end of chunk n-1 (or `initial` for chunk 0).
-    first = initial if initial is not None else torch.zeros_like(carried[..., :1, :]).squeeze(-2)
-    entering = torch.cat([first.unsqueeze(-2), carried[..., :-1, :]], dim=-2)
-    y = local + _decay_powers(beta, chunk_size, x.dtype).unsqueeze(-3) * entering.unsqueeze(-2)
-    return y.reshape(*lead, heads, padded, dim)[..., :length, :]
+    return LeakyAverage.apply(x, beta, initial, chunk_size)
 
 
 def leaky_average_step(state: Tensor | None, x_t: Tensor, beta: Tensor) -> Tensor:

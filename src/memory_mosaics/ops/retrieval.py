@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from memory_mosaics.ops.persistent_read import persistent_read
+
 
 def context_retrieval_reference(
     keys: Tensor, values: Tensor, shift: int = 1, dropout_p: float = 0.0, training: bool = False
@@ -37,26 +39,35 @@ def context_retrieval_reference(
     return weights @ values
 
 
-def context_retrieval(
-    keys: Tensor, values: Tensor, shift: int = 1, dropout_p: float = 0.0, training: bool = False
+def context_read(
+    keys: Tensor, stored_values: Tensor, shift: int = 1, dropout_p: float = 0.0, training: bool = False
 ) -> Tensor:
-    """Fast form: queries shift..T-1 attend to pairs 0..T-1-shift with an ordinary causal mask.
+    """Rows shift..T-1 of the fast form, given the values of the pairs that are ever read
+    (positions 0..T-1-shift): queries shift..T-1 attend to them with an ordinary causal mask.
 
     Shifting the query sequence turns "strictly before t - shift + 1" into plain causality, so
     `scaled_dot_product_attention` runs with `is_causal=True` and no explicit mask (an explicit mask
     would push it onto its slow path).
     """
-    length = keys.shape[-2]
-    if length <= shift:
-        return torch.zeros_like(values)
-    retrieved = F.scaled_dot_product_attention(
+    stored = keys.shape[-2] - shift
+    return F.scaled_dot_product_attention(
         keys[..., shift:, :],
-        keys[..., : length - shift, :],
-        values[..., : length - shift, :],
+        keys[..., :stored, :],
+        stored_values,
         dropout_p=dropout_p if training else 0.0,
         is_causal=True,
         scale=1.0,
     )
+
+
+def context_retrieval(
+    keys: Tensor, values: Tensor, shift: int = 1, dropout_p: float = 0.0, training: bool = False
+) -> Tensor:
+    """Fast form of `context_retrieval_reference`: `context_read` with rows t < shift set to zero."""
+    length = keys.shape[-2]
+    if length <= shift:
+        return torch.zeros_like(values)
+    retrieved = context_read(keys, values[..., : length - shift, :], shift, dropout_p, training)
     return F.pad(retrieved, (0, 0, shift, 0))  # rows t < shift: exactly zero
 
 
@@ -81,28 +92,32 @@ def persistent_retrieval(
     """Fast form. On GPUs, one fused attention call per table.
 
     On CPUs the fused kernel runs far below matrix-product speed (measured: 238 ms against 147 ms for a
-    forward and backward at B=8, T=256, H=4, P=896 in bf16), so there we use that the tables are shared
-    by the whole batch: batch and time fold into one long matrix per head, and retrieval is two large
-    matrix products per table.
+    forward and backward at B=8, T=256, H=4, P=896 in bf16), so there we use `persistent_read`: batch
+    and time fold into one long matrix per head, two large matrix products per table, a hand-written
+    backward pass, and O(T) memory at long T. With dropout on the weights, the plain autograd form.
     """
     batch, heads, length, dim = queries.shape
     dropout_p = dropout_p if training else 0.0
+    keys, values = memory_keys.to(queries.dtype), memory_values.to(queries.dtype)
     if queries.device.type != "cpu":
         out = 0.0
-        for table_keys, table_values in zip(memory_keys, memory_values, strict=True):
+        for table_keys, table_values in zip(keys, values, strict=True):
             out = out + F.scaled_dot_product_attention(
                 queries,
-                table_keys.expand(batch, *table_keys.shape).to(queries.dtype),
-                table_values.expand(batch, *table_values.shape).to(queries.dtype),
+                table_keys.expand(batch, *table_keys.shape),
+                table_values.expand(batch, *table_values.shape),
                 dropout_p=dropout_p,
                 scale=1.0,
             )
         return out / memory_keys.shape[0]
-    folded = queries.transpose(0, 1).reshape(heads, batch * length, dim)
-    out = 0.0
-    for table_keys, table_values in zip(memory_keys, memory_values, strict=True):
-        scores = folded @ table_keys.transpose(-1, -2).to(folded.dtype)
-        weights = F.dropout(torch.softmax(scores, dim=-1).to(folded.dtype), p=dropout_p, training=training)
-        out = out + weights @ table_values.to(folded.dtype)
-    out = out / memory_keys.shape[0]
+    folded = queries.transpose(0, 1).reshape(heads, batch * length, dim)  # a view for head-major queries
+    if dropout_p > 0.0:
+        out = 0.0
+        for table_keys, table_values in zip(keys, values, strict=True):
+            weights = torch.softmax(folded @ table_keys.transpose(-1, -2), dim=-1)
+            out = out + F.dropout(weights, p=dropout_p, training=True) @ table_values
+        out = out / memory_keys.shape[0]
+    else:
+        with torch.autocast("cpu", enabled=False):
+            out = persistent_read(folded, keys, values)
     return out.view(heads, batch, length, dim).transpose(0, 1)
