@@ -112,8 +112,11 @@ class KeyFeatureExtractor(nn.Module):
             return leaky_average_reference(projected, self.decay())
         return leaky_average(projected, self.decay(), chunk_size=self.chunk_size)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.finish(self.average(split_heads(self.proj(x), self.n_head)))
+    def forward(self, x: Tensor, projected: Tensor | None = None) -> Tensor:
+        """Keys of x (B, T, C). `projected`, if given, is self.proj(x) computed by the caller (the
+        context memory fuses it with the value projection); hooks still see this module's output."""
+        projected = self.proj(x) if projected is None else projected
+        return self.finish(self.average(split_heads(projected, self.n_head)))
 
 
 class ValueFeatureExtractor(nn.Module):
@@ -150,13 +153,14 @@ class ValueFeatureExtractor(nn.Module):
     def finish(self, unnormalised: Tensor) -> Tensor:
         return normalize_and_scale(unnormalised, torch.exp(10 * self.value_scale), self.impl)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, projected: Tensor | None = None) -> Tensor:
+        """Values of x (B, T, C); `projected`, if given, is self.proj(x) computed by the caller."""
+        projected = self.proj(x) if projected is None else projected
         if self.kind == "lowrank":
-            projected = self.proj(x)
             ahead = look_ahead(projected, self.shift)
             unnormalised = self.mixed(split_heads(projected, self.n_head), split_heads(ahead, self.n_head))
         else:
-            now, next_tap = self.proj(x).chunk(2, dim=-1)
+            now, next_tap = projected.chunk(2, dim=-1)
             combined = now + look_ahead(next_tap, self.shift)
             if self.bias is not None:
                 combined = combined + self.bias
@@ -200,11 +204,10 @@ class ContextMemory(nn.Module):
         return self.resid_dropout(self.c_proj(merge_heads(read)))
 
     def _fast_forward(self, x: Tensor) -> Tensor:
-        """The same function with less traffic: one matrix product for key and value projections,
-        values built only for the positions that are ever read (s <= T - 1 - m), and the zero rows
-        t < m written after the output projection."""
-        batch, length, channels = x.shape
-        heads, shift = self.key.n_head, self.shift
+        """The same function with less traffic: one matrix product for the key and value projections
+        (the key and value modules still run, so hooks on them see their outputs), and the zero rows
+        t < m written after the output projection rather than before it."""
+        length, channels, shift = x.shape[1], x.shape[2], self.shift
         if length <= shift:  # no position has a pair to read
             return self.c_proj(torch.zeros_like(x))
         key, value = self.key, self.value
@@ -212,26 +215,13 @@ class ContextMemory(nn.Module):
         bias = None
         if key.proj.bias is not None:  # kernel2 values carry their bias after the taps are combined
             value_bias = value.proj.bias
-            bias = torch.cat(
-                [key.proj.bias, key.proj.bias.new_zeros(value.proj.out_features) if value_bias is None else value_bias]
-            )
-        projected = F.linear(x, weight, bias)  # (B, T, C + C) or (B, T, C + 2C) for kernel2
-        keys = key.finish(key.average(split_heads(projected[..., :channels], heads)))
-
-        stored = length - shift
-        if value.kind == "lowrank":
-            taps = projected[..., channels:].view(batch, length, heads, -1)
-            mix = value.mix.to(taps.dtype)[:, None]
-            unnormalised = torch.lerp(taps[:, shift:], taps[:, :stored], mix).transpose(1, 2)
-        else:
-            now, ahead = projected[..., channels : 2 * channels], projected[..., 2 * channels :]
-            combined = now[:, :stored] + ahead[:, shift:]
-            if value.bias is not None:
-                combined = combined + value.bias
-            unnormalised = split_heads(combined, heads)
-        values = value.finish(unnormalised)
-
-        retrieved = context_read(keys, values, shift, self.dropout, self.training)
+            if value_bias is None:
+                value_bias = key.proj.bias.new_zeros(value.proj.out_features)
+            bias = torch.cat([key.proj.bias, value_bias])
+        projected = F.linear(x, weight, bias)  # (B, T, C + C), or (B, T, C + 2C) for kernel2
+        keys = key(x, projected=projected[..., :channels])
+        values = value(x, projected=projected[..., channels:])
+        retrieved = context_read(keys, values[..., : length - shift, :], shift, self.dropout, self.training)
         out = F.linear(merge_heads(retrieved), self.c_proj.weight)
         out = F.pad(out, (0, 0, shift, 0))  # rows t < shift read nothing: c_proj(0) = its bias
         return out if self.c_proj.bias is None else out + self.c_proj.bias
