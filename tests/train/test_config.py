@@ -33,9 +33,7 @@ def parse(argv: list[str]) -> dict:
 
 def test_every_field_is_a_flag_and_only_typed_flags_are_set():
     assert parse([]) == {}
-    values = parse(
-        ["--n-layer", "3", "--no-bias", "--lr", "1e-2", "--dtype", "bfloat16", "--seq-len", "none"]
-    )
+    values = parse(["--n-layer", "3", "--no-bias", "--lr", "1e-2", "--dtype", "bfloat16", "--seq-len", "none"])
     assert values == {"n_layer": 3, "bias": False, "lr": 0.01, "dtype": "bfloat16", "seq_len": None}
     names = {f.name for cls in (TrainConfig, MemoryMosaicConfig, GPTConfig) for f in dataclasses.fields(cls)}
     parser = argparse.ArgumentParser()
@@ -57,8 +55,7 @@ def test_preset_then_file_then_flags(tmp_path):
     file.write_text("n-layer: 3\nlr: 1e-2\n")  # hyphens are accepted; `1e-2` is read as a float
     settings, origin = resolve_settings("tinystories-cpu", str(file), {"lr": 2e-3})
     assert (
-        settings["n_embd"] == load_preset("tinystories-cpu")["n_embd"]
-        and origin["n_embd"] == "preset tinystories-cpu"
+        settings["n_embd"] == load_preset("tinystories-cpu")["n_embd"] and origin["n_embd"] == "preset tinystories-cpu"
     )
     assert settings["n_layer"] == 3 and origin["n_layer"] == str(file)
     assert settings["lr"] == 2e-3 and origin["lr"] == "command line"

@@ -64,9 +64,7 @@ def test_accumulation_equals_one_large_batch(tiny_data, tmp_path):
 
 
 def test_global_batch_size_sets_accumulation(tiny_data, tmp_path):
-    result = train(
-        tiny_data, tmp_path / "g", config(batch_size=2, global_batch_size=6), TINY_MOSAIC, progress=False
-    )
+    result = train(tiny_data, tmp_path / "g", config(batch_size=2, global_batch_size=6), TINY_MOSAIC, progress=False)
     run_config = json.loads((tmp_path / "g" / "run_config.json").read_text())
     assert run_config["grad_accum"] == 3 and result.finished
 

@@ -26,18 +26,14 @@ def register(subparsers) -> None:
     parser.add_argument("--data", required=True, help="prepared data folder, or a text/jsonl file")
     parser.add_argument("--split", default="val", choices=["train", "val"], help="split of a data folder")
     parser.add_argument("--per-position", action="store_true", help="also report the loss at each position")
-    parser.add_argument(
-        "--compare", nargs="+", default=[], metavar="RUN", help="more runs to evaluate alongside"
-    )
+    parser.add_argument("--compare", nargs="+", default=[], metavar="RUN", help="more runs to evaluate alongside")
     parser.add_argument("--seq-len", type=int, help="window length (default: the model's block_size)")
     parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     parser.add_argument("--max-windows", type=int, help="evaluate at most this many windows / documents")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--json", metavar="F", help="write the results as JSON to F")
-    parser.add_argument(
-        "--png", metavar="F", help="write the loss-by-position plot to F (with --per-position)"
-    )
+    parser.add_argument("--png", metavar="F", help="write the loss-by-position plot to F (with --per-position)")
     parser.set_defaults(run=run)
 
 
@@ -77,8 +73,7 @@ def evaluate_run(ckpt: str, args: argparse.Namespace) -> dict:
     seq_len = args.seq_len or block
     if seq_len > block and isinstance(model, GPT):
         raise ConfigError(
-            f"--seq-len {seq_len} is larger than the model's block_size {block}; "
-            "a GPT has no positions past it"
+            f"--seq-len {seq_len} is larger than the model's block_size {block}; a GPT has no positions past it"
         )
     seq_len = fit_seq_len(len(tokens), seq_len, source)
     result = evaluate_loss(model, tokens, seq_len, args.batch_size, args.dtype, args.max_windows)
@@ -114,10 +109,7 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def _print_row(row: dict) -> None:
-    print(
-        f"{row['ckpt']}: loss {row['loss']:.4f}  perplexity {row['perplexity']:.2f}  "
-        f"({row['tokens']:,} tokens)"
-    )
+    print(f"{row['ckpt']}: loss {row['loss']:.4f}  perplexity {row['perplexity']:.2f}  ({row['tokens']:,} tokens)")
     curve = row.get("per_position")
     if curve:
         marks = [p for p in (0, 1, 3, 7, 15, 31, 63, 127, 255, 511, 1023, 2047) if p < len(curve)]

@@ -27,9 +27,7 @@ def register(subparsers) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=200)
     parser.add_argument("--temperature", type=float, default=0.8, help="0 picks the most likely token")
     parser.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
-    parser.add_argument(
-        "--top-p", type=float, default=0.95, help="nucleus sampling threshold (1 turns it off)"
-    )
+    parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling threshold (1 turns it off)")
     parser.add_argument("--seed", type=int, default=None, help="make the draws reproducible")
     parser.add_argument("--num-samples", type=int, default=1)
     parser.add_argument("--no-stop", action="store_true", help="keep going past an end-of-text token")
@@ -116,7 +114,5 @@ def run(args: argparse.Namespace) -> int:
         )  # fmt: skip
         samples.append(stream.finish())
     if args.json:
-        write_json(
-            args.json, {"ckpt": args.ckpt, "prompt": args.prompt, "samples": samples, "seed": args.seed}
-        )
+        write_json(args.json, {"ckpt": args.ckpt, "prompt": args.prompt, "samples": samples, "seed": args.seed})
     return 0

@@ -66,11 +66,7 @@ def consecutive_windows(tokens: np.ndarray, seq_len: int, max_windows: int | Non
     if max_windows is not None:
         count = min(count, max_windows)
     starts = np.arange(count) * seq_len
-    return (
-        np.stack([np.asarray(tokens[s : s + seq_len + 1]) for s in starts])
-        if count
-        else np.empty((0, seq_len + 1))
-    )
+    return np.stack([np.asarray(tokens[s : s + seq_len + 1]) for s in starts]) if count else np.empty((0, seq_len + 1))
 
 
 def fit_seq_len(num_tokens: int, seq_len: int, what: str) -> int:
@@ -98,16 +94,12 @@ def evaluate_loss(
         total, count = total + float(losses.double().sum()), count + losses.numel()
     model.train(was_training)
     if count == 0:
-        raise MosaicError(
-            f"{len(tokens)} tokens are fewer than one window of {seq_len} + 1; use a shorter --seq-len"
-        )
+        raise MosaicError(f"{len(tokens)} tokens are fewer than one window of {seq_len} + 1; use a shorter --seq-len")
     loss = total / count
     return LossResult(loss=loss, perplexity=math.exp(min(loss, 50.0)), tokens=count, seq_len=seq_len)
 
 
-def document_windows(
-    tokens: np.ndarray, seq_len: int, eot_id: int, max_docs: int | None = None
-) -> np.ndarray:
+def document_windows(tokens: np.ndarray, seq_len: int, eot_id: int, max_docs: int | None = None) -> np.ndarray:
     """One window per document, starting at the end-of-text token before it; -1 after the document ends.
 
     Column 0 is the end-of-text token, so position p scores the (p+1)-th token of the document, the

@@ -59,9 +59,7 @@ def plot_training_curves(metrics_path: str | os.PathLike[str], png_path: str | o
     _save(fig, png_path)
 
 
-def plot_per_position(
-    curves: dict[str, list[float | None]], png_path: str | os.PathLike[str], title: str = ""
-) -> None:
+def plot_per_position(curves: dict[str, list[float | None]], png_path: str | os.PathLike[str], title: str = "") -> None:
     """One line per model: mean loss at each token position (several models overlay on one plot)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))

@@ -46,10 +46,7 @@ def flatten_optimizer_state(state_dict: dict) -> tuple[dict[str, torch.Tensor], 
                 tensors[f"state.{param_id}.{key}"] = value.detach().to("cpu").contiguous().clone()
             else:
                 scalars.setdefault(str(param_id), {})[key] = value
-    groups = [
-        {k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()}
-        for g in state_dict["param_groups"]
-    ]
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in state_dict["param_groups"]]
     return tensors, {"param_groups": groups, "scalars": scalars}
 
 
@@ -80,9 +77,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
         if (path / name / "config.json").is_file():
             return path / name
     if not path.exists():
-        raise CheckpointError(
-            f"checkpoint {path} does not exist; pass a run folder written by `mosaic train`"
-        )
+        raise CheckpointError(f"checkpoint {path} does not exist; pass a run folder written by `mosaic train`")
     raise CheckpointError(
         f"{path} holds no checkpoint (no config.json in it or in {path / LATEST}); "
         "pass a run folder written by `mosaic train` or a folder written by save_pretrained"
@@ -170,9 +165,7 @@ def find_resumable(run_dir: str | Path) -> Path:
     """The whole checkpoint to resume RUN from, or a CheckpointError that says what is wrong."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise CheckpointError(
-            f"cannot resume: run folder {run_dir} does not exist; drop --resume to start it"
-        )
+        raise CheckpointError(f"cannot resume: run folder {run_dir} does not exist; drop --resume to start it")
     for name in (LATEST, LATEST + ".prev"):
         if (run_dir / name / STATE_FILE).is_file():
             return run_dir / name
