@@ -24,6 +24,7 @@ Eviction policies (one small interface: `tracks_use`, `used(weights)`, `victim(p
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from memory_mosaics.inference.approximate import HyperplaneHash, LSHIndex, candidate_read, lsh_candidates
@@ -123,6 +124,14 @@ def dense_read(queries: Tensor, keys: Tensor, values: Tensor, admissible: Tensor
     return weights @ values, weights
 
 
+def fused_read(queries: Tensor, keys: Tensor, values: Tensor, admissible: Tensor) -> Tensor:
+    """`dense_read`'s reads through the fused attention kernel (several times faster on long chunks)."""
+    has_any = admissible.any(-1, keepdim=True)
+    # A row with no admissible key would be NaN; let it see everything, then zero it.
+    reads = F.scaled_dot_product_attention(queries, keys, values, attn_mask=admissible | ~has_any, scale=1.0)
+    return reads.masked_fill(~has_any, 0.0)
+
+
 class SlotMemory:
     """The stored pairs of one context memory: exact or LSH retrieval, unbounded or bounded."""
 
@@ -203,34 +212,47 @@ class SlotMemory:
         codes = None if self.codes is None else self.codes[..., :stored]
         if pairs is not None:
             keys, values, codes = pairs
-        index = None
-        if self.hasher is None:
-            reads, weights = dense_read(queries, keys, values, admissible)
-        elif pairs is None and queries.shape[2] == 1:
-            # Generation: the query's buckets from the sorted index; only those keys are read and scored.
+        tracking = self.last_used is not None
+        if self.hasher is not None and pairs is None and queries.shape[2] == 1:
+            # Generation with LSH: the query's buckets from the sorted index; only those keys are scored.
             index, valid = self.index.candidates(self.hasher.codes(queries), self.codes)
             reads, weights = candidate_read(queries, self.keys, self.values, index, valid)
-        elif pairs is None:
+            if tracking:
+                self._mark_used(weights, times, index)
+            return reads
+        mask = admissible
+        if self.hasher is not None and pairs is None:
             # A chunk (prefill): copying each query's candidates would move more data than scoring every
-            # key once, so the candidates become a mask for one dense product (as costly as exact).
+            # key once, so the candidates become the mask of one fused product (as costly as exact).
             index, valid = self.index.candidates(self.hasher.codes(queries), self.codes)
-            mask = torch.zeros(*index.shape[:3], stored + 1, dtype=torch.bool, device=index.device)
-            mask.scatter_(-1, index.masked_fill(~valid, stored), True)  # invalid -> the extra column
-            candidates = mask[..., :stored] & admissible
-            reads, weights = dense_read(queries, keys, values, candidates)
-        else:  # a chunk over stored and new pairs (positional window): one masked product
-            candidates = lsh_candidates(self.hasher.codes(queries), codes)
-            candidates &= admissible
-            reads, weights = dense_read(queries, keys, values, candidates)
-        if self.last_used is not None and weights.numel():
-            when = torch.where(self.policy.used(weights), times[:, None], NEVER)
-            if index is None:
-                latest = when.amax(dim=-2)
-            else:
-                latest = torch.full_like(self.last_used[:, :, :stored], NEVER)
-                latest = latest.scatter_reduce(2, index.flatten(2), when.flatten(2), reduce="amax")
-            self.last_used[:, :, :stored] = torch.maximum(self.last_used[:, :, :stored], latest)
+            found = torch.zeros(*index.shape[:3], stored + 1, dtype=torch.bool, device=index.device)
+            found.scatter_(-1, index.masked_fill(~valid, stored), True)  # invalid -> the extra column
+            mask = found[..., :stored] & admissible
+        elif self.hasher is not None:  # a chunk over stored and new pairs (positional window)
+            mask = lsh_candidates(self.hasher.codes(queries), codes) & admissible
+        if mask is None:  # one step, every stored pair admissible
+            reads, weights = dense_read(queries, keys, values, None)
+        else:
+            reads = fused_read(queries, keys, values, mask)
+            # LRU needs the weights; the output still comes from the fused kernel, so a bounded memory that
+            # has not evicted anything gives bit for bit the unbounded memory's result.
+            weights = dense_read(queries, keys, values, mask)[1] if tracking else None
+        if tracking:
+            self._mark_used(weights, times, None)
         return reads
+
+    def _mark_used(self, weights: Tensor, times: Tensor, index: Tensor | None) -> None:
+        """LRU bookkeeping: the last step at which each slot was used (weights (B, H, n, N or K))."""
+        stored = self.filled
+        if weights.numel() == 0:
+            return
+        when = torch.where(self.policy.used(weights), times[:, None], NEVER)
+        if index is None:
+            latest = when.amax(dim=-2)
+        else:
+            latest = torch.full_like(self.last_used[:, :, :stored], NEVER)
+            latest = latest.scatter_reduce(2, index.flatten(2), when.flatten(2), reduce="amax")
+        self.last_used[:, :, :stored] = torch.maximum(self.last_used[:, :, :stored], latest)
 
     def extend_and_read(self, queries: Tensor, keys: Tensor, values: Tensor, start: int) -> Tensor:
         """Queries (B, H, n, d) at steps start..start+n-1; the c <= n new pairs (B, H, c, d) are the pairs

@@ -28,7 +28,7 @@ from memory_mosaics.inference.approximate import HyperplaneHash, RandomFeatureMe
 from memory_mosaics.inference.bounded import SlotMemory, dense_read, make_policy
 from memory_mosaics.inference.options import InferenceOptions
 from memory_mosaics.layers.memory import ContextMemory, PersistentMemory, merge_heads, split_heads
-from memory_mosaics.ops import leaky_average
+from memory_mosaics.ops import leaky_average, leaky_average_step
 
 
 @dataclasses.dataclass
@@ -179,9 +179,17 @@ def _complete_values(context: ContextMemory, now: Tensor, ahead: Tensor) -> Tens
     return value.finish(combined)
 
 
+def _leaky(key: nn.Module, x: Tensor, total: Tensor | None) -> Tensor:
+    """The leaky average of the key projections of a chunk (B, H, n, d), continuing from `total`."""
+    projected = split_heads(key.proj(x), key.n_head)
+    if projected.shape[2] == 1 and total is not None:  # one token: the one-step recurrence
+        return leaky_average_step(total, projected[:, :, 0], key.decay()).unsqueeze(2)
+    return leaky_average(projected, key.decay(), initial=total)
+
+
 def _context_step(context: ContextMemory, x: Tensor, layer: MosaicLayerState, start: int) -> Tensor:
     key = context.key
-    averaged = leaky_average(split_heads(key.proj(x), key.n_head), key.decay(), initial=layer.key_sum)
+    averaged = _leaky(key, x, layer.key_sum)
     layer.key_sum = averaged[..., -1, :]
     keys = key.finish(averaged)
     now, ahead = _value_taps(context, x)
@@ -206,7 +214,7 @@ def _context_step(context: ContextMemory, x: Tensor, layer: MosaicLayerState, st
 
 def _persistent_step(persistent: PersistentMemory, x: Tensor, layer: MosaicLayerState) -> Tensor:
     key = persistent.key
-    averaged = leaky_average(split_heads(key.proj(x), key.n_head), key.decay(), initial=layer.persistent_sum)
+    averaged = _leaky(key, x, layer.persistent_sum)
     layer.persistent_sum = averaged[..., -1, :]
     return persistent.resid_dropout(persistent.c_proj(persistent.read(key.finish(averaged))))
 
