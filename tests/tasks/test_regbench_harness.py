@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from memory_mosaics.tasks.regbench.harness import TrainConfig, learning_rate, ru
 from memory_mosaics.tasks.regbench.models import MODELS, build_model, count_params, mosaic_param_count
 from memory_mosaics.tasks.regbench.published import published
 
+REFERENCE = Path(__file__).resolve().parents[3] / "shared" / "reference" / "regbench_seed0.json"
 # Tiny versions of every registered family, for speed.
 TINY = {
     "mosaic": dict(n_layer=1, n_head=2, n_embd=16, pmem_size=8),
@@ -105,10 +107,11 @@ def test_command_writes_rows_and_figure(tmp_path, capsys):
     code = main([*args.split(), "--json", str(rows_path), "--png", str(png_path)])
     assert code == 0
     rows = json.loads(rows_path.read_text())
-    assert [r["model"] for r in rows] == ["transformer", "mosaic"]
+    assert [r["model"] for r in rows] == ["ngram-2", "ngram-3", "transformer", "mosaic"]
     for row in rows:
         assert {"model", "num_train_dfas", "seed", "accuracy", "tvd", "params"} <= set(row)
-        assert row["num_train_dfas"] == 6 and row["seed"] == 0 and row["steps"] == 2
+        assert row["num_train_dfas"] == 6 and row["seed"] == 0
+    assert rows[2]["steps"] == 2 and rows[2]["params"] == count_params(build_model("transformer", 16))
     assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "published acc" in capsys.readouterr().out
 
@@ -122,3 +125,14 @@ def test_published_numbers_lookup():
     assert published("mosaic", 100) == (0.925, 0.569)
     assert published("transformer", 2500) == (0.925, 0.232)
     assert published("gru", 100) is None and published("mosaic", 777) is None
+
+
+@pytest.mark.skipif(not REFERENCE.exists(), reason=f"benchmark reference data not found at {REFERENCE}")
+def test_command_trains_on_the_benchmarks_own_data(tmp_path):
+    rows_path = tmp_path / "rows.json"
+    args = f"regbench --reference-data {REFERENCE} --models transformer --train-dfas 5 --steps 1 --batch-size 5"
+    args += " --max-len 12 --num-evals 1 --ngram 2"
+    assert main([*args.split(), "--json", str(rows_path)]) == 0
+    rows = json.loads(rows_path.read_text())
+    assert [(r["model"], r["num_train_dfas"]) for r in rows] == [("ngram-2", 5), ("transformer", 5)]
+    assert rows[1]["settings"]["reference_data"] == str(REFERENCE)

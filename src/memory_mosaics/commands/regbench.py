@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import asdict
 
 from memory_mosaics.commands._common import write_json
 from memory_mosaics.errors import ConfigError
@@ -122,8 +123,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from memory_mosaics.tasks.regbench.data import RegBenchConfig, RegBenchSplits, generate_regbench, load_reference
-    from memory_mosaics.tasks.regbench.harness import TrainConfig, run_model
+    from memory_mosaics.tasks.regbench.data import load_reference
     from memory_mosaics.tasks.regbench.models import MODELS
     from memory_mosaics.tasks.regbench.ngram import score_ngram
     from memory_mosaics.tasks.regbench.published import published
@@ -140,70 +140,22 @@ def run(args: argparse.Namespace) -> int:
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     reference = load_reference(args.reference_data) if args.reference_data else None
     overrides = {} if settings["dropout"] is None else {"dropout": settings["dropout"]}
+    shared = {"settings": {**settings, "device": device, "reference_data": args.reference_data}}
     rows: list[dict] = []
     started, cpu_started = time.perf_counter(), time.process_time()
     for seed in args.seeds:
         for num_train in settings["train_dfas"]:
-            if reference is not None:
-                if num_train > len(reference.train):
-                    raise ConfigError(f"--train-dfas {num_train}: the reference data has {len(reference.train)}")
-                splits = RegBenchSplits(reference.train[:num_train], reference.val, reference.test)
-            else:
-                splits = generate_regbench(
-                    RegBenchConfig(num_train=num_train, num_test=settings["num_test_dfas"], seed=seed)
-                )
-            train_config = TrainConfig(
-                epochs=settings["epochs"],
-                steps=settings["steps"],
-                batch_size=settings["batch_size"],
-                lr=settings["lr"],
-                max_len=settings["max_len"],
-                num_evals=settings["num_evals"],
-                dtype=settings["dtype"],
-                seed=seed,
-            )
-            for order in args.ngram:
+            splits = _splits(reference, num_train, settings["num_test_dfas"], seed)
+            where = {"num_train_dfas": len(splits.train), "seed": seed}
+            for order in args.ngram:  # training-free anchors on the same test prompts
                 clock = time.perf_counter()
                 sums = score_ngram(splits.test, order, settings["max_len"])
-                rows.append(
-                    {
-                        "model": f"ngram-{order}",
-                        "num_train_dfas": len(splits.train),
-                        "seed": seed,
-                        "accuracy": sums.accuracy,
-                        "tvd": sums.tvd,
-                        "params": 0,
-                        "seconds": round(time.perf_counter() - clock, 1),
-                        "settings": {**settings, "device": "cpu", "reference_data": args.reference_data},
-                    }
-                )
+                anchor = {"accuracy": sums.accuracy, "tvd": sums.tvd, "params": 0}
+                seconds = round(time.perf_counter() - clock, 1)
+                rows.append({"model": f"ngram-{order}", **where, **anchor, "seconds": seconds, **shared})
             for name in models:
-                bar = tqdm(desc=f"{name} @{num_train} seed {seed}", unit="step", leave=False)
-
-                def on_step(step: int, total: int, loss: float, bar=bar) -> None:
-                    bar.total = total
-                    bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
-                    bar.update(1)
-
-                result = run_model(name, splits, train_config, device, on_step, **overrides)
-                bar.close()
-                rows.append(
-                    {
-                        "model": name,
-                        "num_train_dfas": len(splits.train),
-                        "seed": seed,
-                        "accuracy": result.accuracy,
-                        "tvd": result.tvd,
-                        "params": result.params,
-                        "test_loss": result.test_loss,
-                        "best_val_loss": result.best_val_loss,
-                        "best_step": result.best_step,
-                        "steps": result.steps,
-                        "seconds": round(result.seconds, 1),
-                        "cpu_seconds": round(result.cpu_seconds, 1),
-                        "settings": {**settings, "device": device, "reference_data": args.reference_data},
-                    }
-                )
+                result = _train_with_progress(name, splits, _train_config(settings, seed), device, overrides)
+                rows.append({"model": name, **where, **asdict(result), **shared})
                 tqdm.write(
                     f"{name:12s} @{len(splits.train):5d} seed {seed}: accuracy {result.accuracy:.3f} "
                     f"tvd {result.tvd:.3f} ({result.params} params, {result.seconds:.0f} s, "
@@ -221,6 +173,40 @@ def run(args: argparse.Namespace) -> int:
         plot_regbench(rows, args.png, title=f"{title}: ours (solid) vs published (dashed)")
         print(f"wrote {args.png}")
     return 0
+
+
+def _splits(reference, num_train: int, num_test: int, seed: int):
+    """The data set for one sweep point: drawn from `seed`, or cut from the benchmark's file."""
+    from memory_mosaics.tasks.regbench.data import RegBenchConfig, RegBenchSplits, generate_regbench
+
+    if reference is None:
+        return generate_regbench(RegBenchConfig(num_train=num_train, num_test=num_test, seed=seed))
+    if num_train > len(reference.train):
+        raise ConfigError(f"--train-dfas {num_train}: the reference data has {len(reference.train)} training DFAs")
+    return RegBenchSplits(reference.train[:num_train], reference.val, reference.test)
+
+
+def _train_config(settings: dict, seed: int):
+    from memory_mosaics.tasks.regbench.harness import TrainConfig
+
+    names = ("epochs", "steps", "batch_size", "lr", "max_len", "num_evals", "dtype")
+    return TrainConfig(**{name: settings[name] for name in names}, seed=seed)
+
+
+def _train_with_progress(name: str, splits, config, device: str, overrides: dict):
+    """`run_model` with a progress bar showing the training loss."""
+    from tqdm import tqdm
+
+    from memory_mosaics.tasks.regbench.harness import run_model
+
+    with tqdm(desc=f"{name} @{len(splits.train)} seed {config.seed}", unit="step", leave=False) as bar:
+
+        def on_step(step: int, total: int, loss: float) -> None:
+            bar.total = total
+            bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+            bar.update(1)
+
+        return run_model(name, splits, config, device, on_step, **overrides)
 
 
 def _table(rows: list[dict], published) -> str:
