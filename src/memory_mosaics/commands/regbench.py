@@ -74,9 +74,10 @@ def register(subparsers) -> None:
         help="RegBench in-context language learning: Memory Mosaic vs transformer, RNNs and SSMs",
         description=(
             "Train and test models on RegBench (random regular languages, Akyuerek et al. 2024) with the "
-            "benchmark's protocol: batch 32, AdamW lr 5e-4 wd 0.1, 10%% warm-up then cosine, 200 epochs, "
-            "best-val-loss checkpoint scored on held-out DFAs by accuracy and TVD. --quick is a short CPU "
-            "run of every model family (see docs/regbench.md for what it measures)."
+            "benchmark's protocol: batch 32, AdamW lr 5e-4 wd 0.1, 10% warm-up then cosine, 200 epochs, "
+            "best-val-loss checkpoint scored on held-out DFAs by accuracy and TVD. That default budget is a GPU "
+            "job (about a week of one CPU core for all models and sizes); --quick is a ~5 CPU-minute run of "
+            "every model family (docs/regbench.md says what it measures)."
         ),
     )
     parser.add_argument("--quick", action="store_true", help=f"a short CPU run of every model family: {QUICK}")
