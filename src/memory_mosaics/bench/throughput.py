@@ -1,8 +1,14 @@
 """Training throughput of Memory Mosaic against GPT at equal parameter counts.
 
-One step = forward + backward + AdamW update on a random batch. Models of a cell are measured in
-interleaved rounds inside one process, so a slowdown of the shared machine hits both alike, and the
-ratio of their medians is what we report (absolute tokens/s on a busy machine mean little).
+One step = forward + backward + AdamW update on a random batch. In each cell (sequence length x
+dtype) the models are measured in interleaved rounds inside one process, the order rotating from
+round to round, so a slowdown of a shared machine hits every model alike; we report each model's
+median and the ratio of medians (absolute tokens/s on a busy machine mean little).
+
+Three models: the project's MemoryMosaic and GPT, and a plain nanoGPT written in this package
+(`nanogpt.py`) that keeps the project's GPT honest. Peak memory is measured per model in a fresh
+process (see `memory.py`); model-FLOPs utilisation is against the machine's matrix-product peak
+measured in the same run.
 """
 
 from __future__ import annotations
@@ -11,12 +17,16 @@ import dataclasses
 import platform
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
+from torch import nn
 
 from memory_mosaics import GPT, GPTConfig, MemoryMosaic, MemoryMosaicConfig
+from memory_mosaics.bench.nanogpt import NanoGPT, NanoGPTConfig
+
+MODELS = ("mosaic", "gpt", "nanogpt")
 
 
 @dataclasses.dataclass
@@ -26,99 +36,161 @@ class ThroughputSettings:
     n_head: int = 4
     vocab_size: int = 4096
     batch_size: int = 8
-    lengths: tuple[int, ...] = (256, 1024)
+    lengths: tuple[int, ...] = (256, 1024, 4096)
     dtypes: tuple[str, ...] = ("float32", "bfloat16")
-    rounds: int = 3  # interleaved measurement rounds per cell
-    steps_per_round: int = 2
+    models: tuple[str, ...] = MODELS
+    rounds: int = 5  # interleaved measurement rounds per cell
+    steps_per_round: int = 1
     warmup_steps: int = 1
     device: str = "cpu"
+    threads: int = 0  # 0: leave torch's setting alone
     seed: int = 0
+    memory: bool = True  # also measure peak memory (a fresh process per model and cell on CPU)
+    compile: bool = False  # torch.compile each block (regional compilation)
+    peak_matrix_size: int = 2048  # side of the square product that measures the machine's peak
 
 
-def build_models(settings: ThroughputSettings, block_size: int) -> dict[str, torch.nn.Module]:
+def build_model(name: str, settings: ThroughputSettings, length: int) -> nn.Module:
     shape = dict(
         vocab_size=settings.vocab_size,
-        block_size=block_size,
+        block_size=length,
         n_layer=settings.n_layer,
         n_head=settings.n_head,
         n_embd=settings.n_embd,
-        dropout=0.0,
     )
     torch.manual_seed(settings.seed)
-    return {
-        "mosaic": MemoryMosaic(MemoryMosaicConfig(**shape, pmem_size=int(3.5 * settings.n_embd))),
-        "gpt": GPT(GPTConfig(**shape)),
-    }
+    if name == "mosaic":
+        model = MemoryMosaic(MemoryMosaicConfig(**shape, dropout=0.0, pmem_size=int(3.5 * settings.n_embd)))
+    elif name == "gpt":
+        model = GPT(GPTConfig(**shape, dropout=0.0))
+    elif name == "nanogpt":
+        model = NanoGPT(NanoGPTConfig(**shape))
+    else:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
+    model = model.to(settings.device)
+    if settings.compile:
+        for block in model.blocks:
+            block.compile()
+    return model
 
 
-def training_step(model: torch.nn.Module, batch_size: int, length: int, dtype: str, device: str) -> Callable[[], None]:
+def training_step(model: nn.Module, settings: ThroughputSettings, length: int, dtype: str) -> Callable[[], None]:
     """A closure running one optimisation step on a fresh random batch."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    vocab = model.config.vocab_size
+    device, vocab = settings.device, model.config.vocab_size
     autocast = torch.autocast(device_type=device, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
 
     def step() -> None:
-        idx = torch.randint(0, vocab, (batch_size, length + 1), device=device)
+        idx = torch.randint(0, vocab, (settings.batch_size, length + 1), device=device)
         with autocast:
             _, loss = model(idx[:, :-1], idx[:, 1:])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        if device == "cuda":
+        if device.startswith("cuda"):
             torch.cuda.synchronize()
 
     return step
 
 
-def measure_cell(settings: ThroughputSettings, length: int, dtype: str) -> Iterator[dict]:
-    models = {name: m.to(settings.device) for name, m in build_models(settings, length).items()}
-    steps = {name: training_step(m, settings.batch_size, length, dtype, settings.device) for name, m in models.items()}
+def model_flops_per_token(model: nn.Module, length: int) -> float:
+    """Matrix-product FLOPs of one training step per token (forward + backward), as in nanoGPT's MFU:
+    6 per weight used in a product (every weight of >= 2 dimensions except the position table; the
+    tied embedding counts once, as the head; a Memory Mosaic's persistent tables count like weights,
+    since each slot takes part in two products per token) plus 12 L C T for attention over T tokens.
+    Elementwise work (softmax, normalisation, the leaky scan) is not counted, for either model."""
+    weights = sum(p.numel() for name, p in model.named_parameters() if p.dim() >= 2 and not name.startswith("wpe"))
+    config = model.config
+    return 6 * weights + 12 * config.n_layer * config.n_embd * length
+
+
+def matmul_peak(dtype: str, device: str, size: int = 2048, repeats: int = 5) -> float:
+    """Best FLOP/s of a square matrix product in `dtype` (bf16 inputs: what autocast multiplies)."""
+    torch_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+    a = torch.randn(size, size, device=device).to(torch_dtype)
+    b = torch.randn(size, size, device=device).to(torch_dtype)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def measure_cell(settings: ThroughputSettings, length: int, dtype: str) -> list[dict]:
+    models = {name: build_model(name, settings, length) for name in settings.models}
+    steps = {name: training_step(model, settings, length, dtype) for name, model in models.items()}
     for step in steps.values():
         for _ in range(settings.warmup_steps):
             step()
     seconds: dict[str, list[float]] = {name: [] for name in models}
-    for _ in range(settings.rounds):
-        for name, step in steps.items():
+    names = list(models)
+    for round_index in range(settings.rounds):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
             start = time.perf_counter()
             for _ in range(settings.steps_per_round):
-                step()
+                steps[name]()
             seconds[name].append((time.perf_counter() - start) / settings.steps_per_round)
     tokens = settings.batch_size * length
+    rows = []
     for name, model in models.items():
         median = statistics.median(seconds[name])
-        yield {
-            "model": name,
-            "seq_len": length,
-            "dtype": dtype,
-            "params_non_embedding": model.num_params(non_embedding=True),
-            "seconds_per_step": median,
-            "tokens_per_second": tokens / median,
-            "all_seconds_per_step": seconds[name],
-        }
+        rows.append(
+            {
+                "model": name,
+                "seq_len": length,
+                "dtype": dtype,
+                "params_non_embedding": model.num_params(non_embedding=True),
+                "flops_per_token": model_flops_per_token(model, length),
+                "seconds_per_step": median,
+                "tokens_per_second": tokens / median,
+                "all_seconds_per_step": seconds[name],
+            }
+        )
+    return rows
+
+
+def _ratio(rows: list[dict], key: str, numerator: str, denominator: str) -> float | None:
+    by_model = {r["model"]: r for r in rows}
+    if numerator not in by_model or denominator not in by_model or by_model[denominator].get(key) is None:
+        return None
+    return by_model[numerator][key] / by_model[denominator][key]
 
 
 def run_throughput(settings: ThroughputSettings, progress: Callable[[str], None] | None = None) -> dict:
-    rows = []
+    from memory_mosaics.bench.memory import peak_memory  # a subprocess helper; keeps this module light
+
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    say = progress or (lambda line: None)
+    peaks = {dtype: [matmul_peak(dtype, settings.device, settings.peak_matrix_size)] for dtype in settings.dtypes}
+    say("matmul peak: " + ", ".join(f"{d} {p[0] / 1e9:.0f} GFLOP/s" for d, p in peaks.items()))
+    rows, cells = [], []
     for length in settings.lengths:
         for dtype in settings.dtypes:
-            cell = list(measure_cell(settings, length, dtype))
+            cell = measure_cell(settings, length, dtype)
+            if settings.memory:
+                for row in cell:
+                    row.update(peak_memory(settings, row["model"], length, dtype))
             rows.extend(cell)
-            if progress:
-                progress(
-                    ", ".join(f"{r['model']} {r['tokens_per_second']:.0f} tok/s" for r in cell)
-                    + f" (T={length}, {dtype})"
-                )
-    ratios = []
-    for length in settings.lengths:
-        for dtype in settings.dtypes:
-            by_model = {r["model"]: r for r in rows if r["seq_len"] == length and r["dtype"] == dtype}
-            ratios.append(
+            cells.append(
                 {
                     "seq_len": length,
                     "dtype": dtype,
-                    "mosaic_over_gpt": by_model["mosaic"]["tokens_per_second"] / by_model["gpt"]["tokens_per_second"],
+                    "mosaic_over_gpt": _ratio(cell, "tokens_per_second", "mosaic", "gpt"),
+                    "gpt_over_nanogpt": _ratio(cell, "tokens_per_second", "gpt", "nanogpt"),
+                    "memory_mosaic_over_gpt": _ratio(cell, "step_peak_bytes", "mosaic", "gpt"),
                 }
             )
+            say(", ".join(f"{r['model']} {r['tokens_per_second']:.0f} tok/s" for r in cell) + f" (T={length}, {dtype})")
+    for dtype in settings.dtypes:  # the peak again, after the cells: the better of the two counts
+        peaks[dtype].append(matmul_peak(dtype, settings.device, settings.peak_matrix_size))
+    peak = {dtype: max(values) for dtype, values in peaks.items()}
+    for row in rows:
+        row["mfu"] = row["flops_per_token"] * row["tokens_per_second"] / peak[row["dtype"]]
     return {
         "settings": dataclasses.asdict(settings),
         "machine": {
@@ -126,7 +198,9 @@ def run_throughput(settings: ThroughputSettings, progress: Callable[[str], None]
             "processor": platform.processor(),
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
+            "matmul_peak_flops": peak,
+            "matmul_peak_measurements": peaks,
         },
         "rows": rows,
-        "ratios": ratios,
+        "cells": cells,
     }

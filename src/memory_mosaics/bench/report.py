@@ -1,0 +1,75 @@
+"""Figures and tables from a throughput result (the dict `run_throughput` returns)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+MIB = 2**20
+
+
+def _cell_rows(result: dict) -> list[tuple[int, str, dict[str, dict]]]:
+    cells = []
+    for cell in result["cells"]:
+        rows = {
+            r["model"]: r for r in result["rows"] if r["seq_len"] == cell["seq_len"] and r["dtype"] == cell["dtype"]
+        }
+        cells.append((cell["seq_len"], cell["dtype"], rows))
+    return cells
+
+
+def markdown_table(result: dict) -> str:
+    """One line per cell: tokens/s, ratios, MFU and step memory of each model."""
+    models = list(result["settings"]["models"])
+    head = ["T", "dtype"] + [f"{m} tok/s" for m in models] + ["MM/GPT", "GPT/nanoGPT"]
+    head += [f"{m} MFU" for m in models] + [f"{m} step MiB" for m in models] + ["MM/GPT memory"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (length, dtype, rows), cell in zip(_cell_rows(result), result["cells"], strict=True):
+        values = [str(length), dtype] + [f"{rows[m]['tokens_per_second']:.0f}" for m in models]
+        values += [_fmt(cell.get("mosaic_over_gpt")), _fmt(cell.get("gpt_over_nanogpt"))]
+        values += [f"{100 * rows[m]['mfu']:.1f}%" for m in models]
+        values += [f"{rows[m]['step_peak_bytes'] / MIB:.0f}" if "step_peak_bytes" in rows[m] else "-" for m in models]
+        values += [_fmt(cell.get("memory_mosaic_over_gpt"))]
+        lines.append("| " + " | ".join(values) + " |")
+    return "\n".join(lines)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def plot_throughput(result: dict, path: str | Path) -> None:
+    """Tokens/s per model and cell (left), MM/GPT throughput and memory ratios (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = _cell_rows(result)
+    labels = [f"T={length}\n{dtype}" for length, dtype, _ in cells]
+    models = list(result["settings"]["models"])
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
+    width = 0.8 / len(models)
+    for index, model in enumerate(models):
+        xs = [i + (index - (len(models) - 1) / 2) * width for i in range(len(cells))]
+        left.bar(xs, [rows[model]["tokens_per_second"] for _, _, rows in cells], width, label=model)
+    left.set_xticks(range(len(cells)), labels)
+    left.set_yscale("log")
+    left.set_ylabel("training tokens / s (median)")
+    left.set_title("forward + backward + AdamW")
+    left.legend()
+    ratios = [cell.get("mosaic_over_gpt") or 0.0 for cell in result["cells"]]
+    right.bar([i - 0.2 for i in range(len(cells))], ratios, 0.4, label="throughput MM / GPT")
+    memory = [cell.get("memory_mosaic_over_gpt") for cell in result["cells"]]
+    if any(m is not None for m in memory):
+        right.bar([i + 0.2 for i in range(len(cells))], [m or 0.0 for m in memory], 0.4, label="step memory MM / GPT")
+    right.axhline(0.9, color="k", linestyle="--", linewidth=1, label="throughput target 0.9")
+    right.axhline(1.2, color="grey", linestyle=":", linewidth=1, label="memory target 1.2 (T=4096)")
+    right.set_xticks(range(len(cells)), labels)
+    right.set_title("Memory Mosaic relative to the project's GPT")
+    right.legend(fontsize=8)
+    fig.suptitle(
+        f"{result['machine']['processor'] or result['machine']['platform']}, {result['machine']['threads']} threads"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

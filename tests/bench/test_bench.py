@@ -1,0 +1,83 @@
+"""The throughput benchmark's parts on tiny models: cells, FLOP counts, memory probe, report, CLI."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from memory_mosaics.bench.memory import measure_here, peak_memory
+from memory_mosaics.bench.nanogpt import NanoGPT, NanoGPTConfig
+from memory_mosaics.bench.report import markdown_table, plot_throughput
+from memory_mosaics.bench.throughput import (
+    ThroughputSettings,
+    build_model,
+    measure_cell,
+    model_flops_per_token,
+    run_throughput,
+)
+from memory_mosaics.cli import main
+
+TINY = dict(n_layer=1, n_embd=16, n_head=2, vocab_size=64, batch_size=2, rounds=2, memory=False, peak_matrix_size=128)
+
+
+def test_nanogpt_is_causal_and_trains():
+    torch.manual_seed(0)
+    model = NanoGPT(NanoGPTConfig(vocab_size=32, block_size=12, n_layer=2, n_head=2, n_embd=16))
+    idx = torch.randint(0, 32, (2, 12))
+    logits, loss = model(idx, idx)
+    changed = idx.clone()
+    changed[:, 7:] = (changed[:, 7:] + 1) % 32
+    torch.testing.assert_close(model(changed)[0][:, :7], logits[:, :7])
+    assert not torch.allclose(model(changed)[0][:, 7:], logits[:, 7:])
+    loss.backward()
+    assert model.wte.weight.grad.abs().sum() > 0
+    assert model.num_params() == sum(p.numel() for p in model.parameters()) - 32 * 16 - 12 * 16
+
+
+def test_flop_count_follows_nanogpt_formula_and_models_match_in_size():
+    settings = ThroughputSettings(n_layer=2, n_embd=32, n_head=4, vocab_size=100)
+    gpt, mosaic = build_model("gpt", settings, 64), build_model("mosaic", settings, 64)
+    layer_weights = 2 * 12 * 32 * 32  # attention 4C^2 + MLP 8C^2 per layer
+    assert model_flops_per_token(gpt, 64) == 6 * (layer_weights + 100 * 32) + 12 * 2 * 32 * 64
+    # pmem_size = 3.5 C: the same weights per layer (the persistent tables count as weights).
+    assert model_flops_per_token(mosaic, 64) == model_flops_per_token(gpt, 64)
+
+
+def test_cell_measures_every_model_interleaved():
+    settings = ThroughputSettings(**TINY, lengths=(8,))
+    rows = measure_cell(settings, 8, "bfloat16")
+    assert [r["model"] for r in rows] == ["mosaic", "gpt", "nanogpt"]
+    for row in rows:
+        assert len(row["all_seconds_per_step"]) == 2 and row["tokens_per_second"] > 0
+        assert row["tokens_per_second"] == pytest.approx(16 / row["seconds_per_step"])
+
+
+def test_run_reports_ratios_mfu_and_renders(tmp_path):
+    result = run_throughput(ThroughputSettings(**TINY, lengths=(8,), dtypes=("float32",), models=("mosaic", "gpt")))
+    (cell,) = result["cells"]
+    by_model = {r["model"]: r for r in result["rows"]}
+    ratio = by_model["mosaic"]["tokens_per_second"] / by_model["gpt"]["tokens_per_second"]
+    assert cell["mosaic_over_gpt"] == pytest.approx(ratio)
+    assert cell["gpt_over_nanogpt"] is None  # nanogpt not measured
+    assert all(0 < r["mfu"] < 1 for r in result["rows"])
+    assert result["machine"]["matmul_peak_flops"]["float32"] > 0
+    assert "| 8 | float32 |" in markdown_table(result)
+    plot_throughput(result, tmp_path / "t.png")
+    assert (tmp_path / "t.png").stat().st_size > 1000
+
+
+def test_memory_probe_in_process_and_in_a_fresh_process():
+    settings = ThroughputSettings(**TINY)
+    here = measure_here(settings, "mosaic", 16, "float32", largest=True)
+    assert here["largest_tensor_numel"] >= 2 * 16 * 64  # the logits at least
+    assert here["peak_bytes"] >= here["before_step_bytes"] > 0
+    probe = peak_memory(settings, "gpt", 16, "float32")
+    assert probe["step_peak_bytes"] >= 0 and "VmHWM" in probe["memory_method"]
+
+
+def test_cli_rejects_bad_input_and_writes_json(tmp_path, capsys):
+    assert main(["bench", "--lengths", "abc"]) == 2
+    assert main(["bench", "--dtypes", "float16"]) == 2
+    assert main(["bench", "--models", "rnn"]) == 2
+    assert main(["bench", "--json", str(tmp_path / "missing" / "x.json")]) == 2
+    assert "error" in capsys.readouterr().err
