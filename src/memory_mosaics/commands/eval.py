@@ -76,7 +76,7 @@ def evaluate_run(ckpt: str, args: argparse.Namespace) -> dict:
             f"--seq-len {seq_len} is larger than the model's block_size {block}; a GPT has no positions past it"
         )
     seq_len = fit_seq_len(len(tokens), seq_len, source)
-    result = evaluate_loss(model, tokens, seq_len, args.batch_size, args.dtype, args.max_windows)
+    result = evaluate_loss(model, tokens, seq_len, args.batch_size, args.dtype, args.max_windows, progress=True)
     row = {
         "ckpt": str(ckpt),
         "model_type": model.model_type,
@@ -89,7 +89,7 @@ def evaluate_run(ckpt: str, args: argparse.Namespace) -> dict:
     }
     if args.per_position:
         curve = per_position_loss(
-            model, tokens, seq_len, tokenizer.eot_id, args.batch_size, args.dtype, args.max_windows
+            model, tokens, seq_len, tokenizer.eot_id, args.batch_size, args.dtype, args.max_windows, progress=True
         )
         row.update(per_position=curve.losses, per_position_counts=curve.counts, per_position_mode=curve.mode)
     return row

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -54,8 +55,12 @@ def token_losses(model: nn.Module, x: torch.Tensor, y: torch.Tensor, dtype: str 
     return losses.view_as(y)
 
 
-def _batches(windows: np.ndarray, batch_size: int, device: torch.device):
-    for i in range(0, len(windows), batch_size):
+def _batches(windows: np.ndarray, batch_size: int, device: torch.device, progress: str | None = None):
+    """Batches of (inputs, targets); `progress` names a progress bar on stderr (None: no bar)."""
+    from tqdm.auto import tqdm
+
+    starts = range(0, len(windows), batch_size)
+    for i in tqdm(starts, desc=progress, unit="batch", file=sys.stderr, disable=progress is None, leave=False):
         rows = torch.from_numpy(windows[i : i + batch_size].astype(np.int64)).to(device)
         yield rows[:, :-1], rows[:, 1:]
 
@@ -84,12 +89,14 @@ def evaluate_loss(
     batch_size: int = 8,
     dtype: str = "float32",
     max_windows: int | None = None,
+    progress: bool = False,
 ) -> LossResult:
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for x, y in _batches(consecutive_windows(tokens, seq_len, max_windows), batch_size, device):
+    windows = consecutive_windows(tokens, seq_len, max_windows)
+    for x, y in _batches(windows, batch_size, device, "loss" if progress else None):
         losses = token_losses(model, x, y, dtype)
         total, count = total + float(losses.double().sum()), count + losses.numel()
     model.train(was_training)
@@ -127,6 +134,7 @@ def per_position_loss(
     batch_size: int = 8,
     dtype: str = "float32",
     max_windows: int | None = None,
+    progress: bool = False,
 ) -> PerPositionResult:
     device = next(model.parameters()).device
     if eot_id is not None and len(tokens) and tokens[0] != eot_id:
@@ -138,7 +146,7 @@ def per_position_loss(
     counts = torch.zeros(seq_len, dtype=torch.int64)
     was_training = model.training
     model.eval()
-    for x, y in _batches(windows, batch_size, device):
+    for x, y in _batches(windows, batch_size, device, "loss by position" if progress else None):
         scored = y != -1
         x = x.clamp_min(0)  # padding after a document's end is never scored; any id will do
         losses = token_losses(model, x, y, dtype)
