@@ -216,6 +216,8 @@ def quality(model, tokenizer, args) -> list[dict]:
         configs[f"lsh-{tables}x{bits}"] = {"retrieval": "lsh", "lsh_tables": tables, "lsh_bits": bits}
     for features in (64, 256, 1024):
         configs[f"features-{features}"] = {"retrieval": "features", "num_features": features}
+    if args.quality_policies:
+        configs = {name: configs[name] for name in ["exact", *args.quality_policies] if name in configs}
     rows = []
     for spec in args.quality_text:
         source, ids = quality_text(spec, tokenizer)
@@ -249,18 +251,25 @@ def plot(result: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     rows = result["cached_vs_recompute"]
     left.plot([r["context"] for r in rows], [r["cached_ms"] for r in rows], "o-", label="state (one step)")
     left.plot([r["context"] for r in rows], [r["recompute_ms"] for r in rows], "s-", label="recompute prefix")
     left.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="CPU ms per new token")
+    contexts = [r["context"] for r in rows]
+    left.set_xticks(contexts, [str(c) for c in contexts], minor=False)
+    left.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     left.set_title("(a) cached vs recomputed generation")
     left.legend()
     for name in dict.fromkeys(r["policy"] for r in result["latency_vs_context"]):
         rows = [r for r in result["latency_vs_context"] if r["policy"] == name]
         right.plot([r["context"] for r in rows], [r["token_ms"] for r in rows], "o-", label=name)
     right.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="CPU ms per new token")
+    contexts = sorted({r["context"] for r in result["latency_vs_context"]})
+    right.set_xticks(contexts, [f"{c // 1024}k" for c in contexts], minor=False)
+    right.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     right.set_title("(b) per-token latency vs context")
     right.legend(fontsize=8)
     fig.tight_layout()
@@ -281,11 +290,16 @@ def main() -> int:
     parser.add_argument("--num-features", type=int, default=256)
     parser.add_argument("--quality-text", nargs="*", default=[], help="tinystories, stdlib or a file")
     parser.add_argument("--quality-tokens", type=int, default=16384)
+    parser.add_argument("--quality-policies", nargs="*", default=[], help="only these (besides exact)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skip", nargs="*", default=[], choices=["recompute", "latency"])
     parser.add_argument("--json", default="benchmarks/results/generation_speed.json")
     parser.add_argument("--png", default=None, help="default: the JSON path with .png")
+    parser.add_argument("--replot", action="store_true", help="only redraw the PNG from an existing --json")
     args = parser.parse_args()
+    if args.replot:
+        plot(json.loads(Path(args.json).read_text()), Path(args.png or Path(args.json).with_suffix(".png")))
+        return 0
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
