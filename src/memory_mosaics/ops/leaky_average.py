@@ -137,12 +137,12 @@ class LeakyAverage(torch.autograd.Function):
         grad_x = _scan(grad, beta, ctx.chunk_size, reverse=True)
         grad_beta = grad_initial = None
         if ctx.needs_input_grad[1]:
-            # Sum the products in at least float32: bf16 partial sums would lose the small terms.
+            # (Reductions of bf16 tensors accumulate in float32; only the result is rounded.)
             acc = torch.promote_types(grad_x.dtype, torch.float32)
             lead = tuple(range(grad_x.dim() - 3))
-            dots = (grad_x[..., 1:, :] * y[..., :-1, :]).sum(dim=(*lead, -2, -1), dtype=acc)
+            dots = (grad_x[..., 1:, :] * y[..., :-1, :]).sum(dim=(*lead, -2, -1)).to(acc)
             if initial is not None:
-                dots = dots + (grad_x[..., 0, :] * initial.to(grad_x.dtype)).sum(dim=(*lead, -1), dtype=acc)
+                dots = dots + (grad_x[..., 0, :] * initial.to(grad_x.dtype)).sum(dim=(*lead, -1)).to(acc)
             grad_beta = (-torch.exp(-beta.to(acc)) * dots).to(beta.dtype)
         if initial is not None and ctx.needs_input_grad[2]:
             grad_initial = (torch.exp(-beta).to(grad_x.dtype)[:, None] * grad_x[..., 0, :]).to(initial.dtype)

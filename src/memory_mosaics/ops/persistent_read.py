@@ -10,7 +10,7 @@ at T = 4096 with P = 896 slots per head, 470 MB per layer in bfloat16 — so thi
 - otherwise keep only each row's log-sum-exp and recompute the weights block by block in the backward
   pass, as flash attention does (one more matrix product and exponential; memory O(T), not O(T P)).
 
-Either way no more than `block_elements` scores exist at once. The backward pass of softmax retrieval:
+When recomputing, no more than `block_elements` scores exist at once. The backward pass of softmax retrieval:
     dV = W^T dO,  dW = dO V^T,  dS = W * (dW - rowsum(W * dW)),  dQ = dS K,  dK = dS^T Q
 accumulated over blocks in (at least) float32 for the tables. Shapes: queries (H, N, d) with N = batch x time;
 memory tables (count, H, P, d); output (H, N, d), the average over tables.
@@ -54,8 +54,9 @@ class PersistentRead(torch.autograd.Function):
     def forward(ctx, queries: Tensor, keys: Tensor, values: Tensor, save_budget: int, block_elements: int):
         count, heads, slots, _ = keys.shape
         rows = queries.shape[1]
-        blocks = _row_blocks(heads, rows, slots, block_elements)
         save_weights = count * heads * rows * slots <= save_budget
+        # Kept weights all exist at once anyway: blocks would only make the products smaller.
+        blocks = [slice(0, rows)] if save_weights else _row_blocks(heads, rows, slots, block_elements)
         outputs, kept = [], []
         # Measured on CPU (fp32 and bf16): a product with a contiguous (d, P) right factor runs twice
         # as fast as with the transposed view of the (P, d) table.

@@ -1,0 +1,167 @@
+"""Each optimisation of the Memory Mosaic's training step, measured by taking it away.
+
+The current model ("all") is timed against variants that each put back the previous implementation
+of one piece (written out below, as they were before the performance work), and against the project's
+GPT, in interleaved rotating rounds in one process (median of --rounds): forward + backward + AdamW,
+n_layer 4, n_embd 256, n_head 4, vocab 4096, batch 8, as in `mosaic bench`. Variants patch module
+globals only while their own step runs.
+
+    python benchmarks/ablation.py --lengths 256 --dtypes bfloat16,float32   # -> results/ablation.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from unittest import mock
+
+import torch
+import torch.nn.functional as F
+
+import memory_mosaics.layers.memory as memory_layers
+import memory_mosaics.models.memory_mosaic as mosaic_model
+from memory_mosaics.bench.throughput import ThroughputSettings, build_model, training_step
+from memory_mosaics.ops import context_retrieval, leaky_average_reference, scaled_normalize_reference
+from memory_mosaics.ops import leaky_average as leaky_average_now
+from memory_mosaics.ops.leaky_average import _decay_matrix, _decay_powers
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+# -- the implementations before the performance work ---------------------------------------------
+
+
+def leaky_average_autograd(x, beta, initial=None, chunk_size=32):
+    """The chunked scan differentiated by autograd (every chunking step recorded)."""
+    length = x.shape[-2]
+    if length <= chunk_size:
+        return leaky_average_reference(x, beta, initial)
+    n_chunks = -(-length // chunk_size)
+    padded = n_chunks * chunk_size
+    if padded != length:
+        x = F.pad(x, (0, 0, 0, padded - length))
+    *lead, heads, _, dim = x.shape
+    chunks = x.reshape(*lead, heads, n_chunks, chunk_size, dim)
+    local = torch.einsum("hij,...hnjd->...hnid", _decay_matrix(beta, chunk_size).to(x.dtype), chunks)
+    carried = leaky_average_autograd(local[..., -1, :], beta * chunk_size, chunk_size=chunk_size)
+    entering = torch.cat([torch.zeros_like(carried[..., :1, :]), carried[..., :-1, :]], dim=-2)
+    y = local + _decay_powers(beta, chunk_size, x.dtype).unsqueeze(-3) * entering.unsqueeze(-2)
+    return y.reshape(*lead, heads, padded, dim)[..., :length, :]
+
+
+def persistent_retrieval_materialised(queries, memory_keys, memory_values, dropout_p=0.0, training=False):
+    """Batch and time folded, two products per table, softmax differentiated by autograd."""
+    batch, heads, length, dim = queries.shape
+    folded = queries.transpose(0, 1).reshape(heads, batch * length, dim)
+    out = 0.0
+    for table_keys, table_values in zip(memory_keys, memory_values, strict=True):
+        weights = torch.softmax(folded @ table_keys.transpose(-1, -2).to(folded.dtype), dim=-1)
+        out = out + weights.to(folded.dtype) @ table_values.to(folded.dtype)
+    out = out / memory_keys.shape[0]
+    return out.view(heads, batch, length, dim).transpose(0, 1)
+
+
+def context_forward_unfused(self, x):
+    """Two projections, values for every position, zero rows padded before the output projection."""
+    keys, values = self.key(x), self.value(x)
+    read = context_retrieval(keys, values, self.shift, self.dropout, self.training)
+    return self.resid_dropout(self.c_proj(memory_layers.merge_heads(read)))
+
+
+def persistent_read_scaling_reads(self, queries):
+    """The output scale applied to the (B, H, T, d) reads instead of the (H, P, d) value table."""
+    read = memory_layers.persistent_retrieval(queries, self.memory_keys, self.memory_values)
+    return memory_layers.merge_heads(read * torch.exp(10 * self.out_scale).to(read.dtype)[:, None, None])
+
+
+def forward_scaling_logits(self, idx, targets=None):
+    x = self.wte(idx)
+    for block in self.blocks:
+        x = block(x)
+    logits = self.lm_head(self.ln_f(x)) * self.logit_scale
+    return logits, mosaic_model.language_model_loss(logits, targets)
+
+
+def normalize_plain(x, scale, impl="fast"):
+    return scaled_normalize_reference(x, scale)
+
+
+VARIANTS = {
+    "leaky average by autograd": [(memory_layers, "leaky_average", leaky_average_autograd)],
+    "normalisation by autograd": [(memory_layers, "normalize_and_scale", normalize_plain)],
+    "persistent read by autograd": [(memory_layers, "persistent_retrieval", persistent_retrieval_materialised)],
+    "unfused context projections": [(memory_layers.ContextMemory, "forward", context_forward_unfused)],
+    "output scale on reads": [(memory_layers.PersistentMemory, "read", persistent_read_scaling_reads)],
+    "logit scale on logits": [(mosaic_model.MemoryMosaic, "forward", forward_scaling_logits)],
+}
+
+
+@contextmanager
+def patched(patches):
+    with ExitStack() as stack:
+        for owner, name, value in patches:
+            stack.enter_context(mock.patch.object(owner, name, value))
+        yield
+
+
+def measure(length: int, dtype: str, rounds: int, variants: list[str]) -> dict:
+    settings = ThroughputSettings()
+    runs = {"gpt": ([], build_model("gpt", settings, length)), "all": ([], build_model("mosaic", settings, length))}
+    for name in variants:
+        runs[name] = (VARIANTS[name], build_model("mosaic", settings, length))
+    steps = {name: (patches, training_step(model, settings, length, dtype)) for name, (patches, model) in runs.items()}
+    seconds = {name: [] for name in steps}
+    names = list(steps)
+    for round_index in range(rounds + 1):  # round 0 warms up
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            patches, step = steps[name]
+            with patched(patches):
+                start = time.perf_counter()
+                step()
+                elapsed = time.perf_counter() - start
+            if round_index:
+                seconds[name].append(elapsed)
+    median = {name: statistics.median(values) for name, values in seconds.items()}
+    return {
+        "seq_len": length,
+        "dtype": dtype,
+        "seconds_per_step": median,
+        "all_seconds": seconds,
+        "slowdown_without": {name: median[name] / median["all"] for name in variants},
+        "mosaic_over_gpt": median["gpt"] / median["all"],
+        "mosaic_over_gpt_without": {name: median["gpt"] / median[name] for name in variants},
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", default="256")
+    parser.add_argument("--dtypes", default="bfloat16,float32")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--json", default=str(RESULTS / "ablation.json"))
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    assert memory_layers.leaky_average is leaky_average_now  # the patch targets the name the layers use
+    cells = []
+    for length in (int(v) for v in args.lengths.split(",")):
+        for dtype in args.dtypes.split(","):
+            cell = measure(length, dtype, args.rounds, args.variants.split(","))
+            cells.append(cell)
+            print(json.dumps({k: cell[k] for k in ("seq_len", "dtype", "seconds_per_step", "mosaic_over_gpt")}))
+    result = {"threads": torch.get_num_threads(), "rounds": args.rounds, "cells": cells}
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
