@@ -5,12 +5,15 @@ serves a chunk of queries with `extend_and_read`: the pair that completes at ste
 position t - m, whose look-ahead value needed x_t) is written just before the query of step t reads,
 so the query reads exactly the pairs s <= t - m, as in the full forward pass.
 
-Unbounded, the slots grow (capacity doubling) and a whole chunk is read at once. Bounded to M slots,
-a chunk that fits in the free slots is handled the same way; once the memory is full every write
-overwrites the slot its `EvictionPolicy` picks, and the chunk is served step by step, so the result
-does not depend on how the sequence was split into chunks.
+Unbounded, the slots grow (capacity doubling) and a whole chunk is read at once by the fused attention
+kernel. Bounded to M slots, a chunk that fits in the free slots is handled the same way (so a memory
+that has not evicted anything gives bit for bit the unbounded result); once the memory is full every
+write overwrites the slot its `EvictionPolicy` picks and the chunk is served step by step, except
+that a positional policy serves a long chunk at once through its window. Either way the result does
+not depend on how the sequence was split into chunks.
 
-Eviction policies (one small interface: `tracks_use`, `used(weights)`, `victim(position, last_used)`):
+Eviction policies (one small interface: `victim(position, last_used)`; `tracks_use` and `used(weights)`
+for LRU; `positional` and `window(pair, limit, capacity)` for FIFO and SinkRecent):
 - `FIFO`: overwrite the oldest pair (a sliding window over the last M pairs).
 - `SinkRecent`: never overwrite the first `sink` pairs of the sequence; otherwise the oldest.
 - `LRU`: overwrite the pair least recently *used*. A query uses an entry when the entry's retrieval
