@@ -2,13 +2,14 @@
 
 Exact retrieval scores a query against every stored key: O(N d) per query. Two cheaper forms:
 
-- **LSH** (`HyperplaneHash`, `lsh_candidates`, `gathered_read`): keys are unit-norm (times a per-head
+- **LSH** (`HyperplaneHash`, `LSHIndex`, `candidate_read`): keys are unit-norm (times a per-head
   scale), so the sign pattern of their projections on `bits` random hyperplanes is a hash that
   collides more often the smaller the angle between two keys (SimHash). Each of `tables` tables
   hashes with its own hyperplanes; a query scores only the stored keys that share its bucket in at
-  least one table, with an exact softmax over those candidates. Finding the candidates compares one
-  int32 code per (key, table) with the query's, which is much cheaper than a d-dimensional dot product
-  and needs no floating-point work; the softmax and the value average then run on candidates only.
+  least one table, with an exact softmax over those candidates. In generation the candidates come
+  from `LSHIndex` (binary search in codes kept sorted) and only they are read and scored; the plain
+  twin `lsh_candidates` compares the query's codes with every stored key's (used for prefill chunks,
+  where one masked product over all keys is cheaper than gathering candidates per query).
   More tables raise recall; more bits make buckets smaller (faster, lower recall).
 
 - **Random features** (`RandomFeatureMemory`): exp(<q, k>) = E_w[phi(q) phi(k)] for positive features
