@@ -8,7 +8,12 @@ import pytest
 import torch
 
 from memory_mosaics.errors import ConfigError
-from memory_mosaics.tasks.moons.analysis import disentanglement, error_vs_context, retrieval_phase_match
+from memory_mosaics.tasks.moons.analysis import (
+    disentanglement,
+    error_vs_context,
+    error_vs_context_stepwise,
+    retrieval_phase_match,
+)
 from memory_mosaics.tasks.moons.data import MoonsDataConfig, ThreeMoons, joint_period, select_triples
 from memory_mosaics.tasks.moons.model import (
     MoonsMemory,
@@ -214,6 +219,20 @@ def test_error_vs_context_is_aligned_with_the_period():
             assert err > 0.01, (length, err)
         else:  # also exercises the delayed write: after P steps the copier reads generated values
             assert err < 1e-4, (length, err)
+
+
+@pytest.mark.parametrize("write_values", [True, False])
+def test_batched_error_curve_matches_stepping_the_cache(write_values, moons):
+    torch.manual_seed(6)
+    model = MoonsMemory(MoonsModelConfig(3, 2))
+    with torch.no_grad():
+        model.key.weight.mul_(3)
+    x, y = moons.sample(3, 50, torch.Generator().manual_seed(6))
+    lengths = [1, 2, 5, 17, 26, 30]
+    # max_elements small enough to split the lengths into several chunks
+    fast = error_vs_context(model, x, y, lengths, num_predictions=21, write_values=write_values, max_elements=400)
+    plain = error_vs_context_stepwise(model, x, y, lengths, num_predictions=21, write_values=write_values)
+    assert_close(fast, plain, rtol=1e-4, atol=1e-6)
 
 
 def test_generation_without_value_writes_reproduces_the_authors_cache_bug():

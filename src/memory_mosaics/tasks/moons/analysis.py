@@ -40,6 +40,14 @@ from memory_mosaics.errors import ConfigError
 from memory_mosaics.tasks.moons.model import MoonsCache, MoonsMemory
 
 
+def _check_context_lengths(x: torch.Tensor, context_lengths: list[int], num_predictions: int) -> None:
+    if min(context_lengths) < 1 or max(context_lengths) + num_predictions - 1 > x.shape[1]:
+        raise ConfigError(
+            f"context lengths must be in [1, {x.shape[1] - num_predictions + 1}] for windows of "
+            f"{x.shape[1]} steps and {num_predictions} predictions"
+        )
+
+
 @torch.no_grad()
 def error_vs_context(
     model: MoonsMemory,
@@ -48,6 +56,7 @@ def error_vs_context(
     context_lengths: list[int],
     num_predictions: int = 25,
     write_values: bool = True,
+    max_elements: int = 1 << 24,
 ) -> torch.Tensor:
     """Mean |prediction - truth| of a free-running continuation, for each context length.
 
@@ -56,14 +65,67 @@ def error_vs_context(
     averaged over the steps, the windows and the 6 coordinates. x, y: (B, T, 6) with y = next x.
     `write_values=False` generates the authors' way, never storing the values of the last prompt
     position and of the generated ones (their cache bug), for comparison only.
+
+    All context lengths of a chunk run at once (attention logits of at most `max_elements` entries);
+    `error_vs_context_stepwise` is the plain twin that steps the model's own cache, one length at a time.
     """
-    longest = max(context_lengths)
-    if min(context_lengths) < 1 or longest + num_predictions - 1 > x.shape[1]:
-        raise ConfigError(
-            f"context lengths must be in [1, {x.shape[1] - num_predictions + 1}] for windows of "
-            f"{x.shape[1]} steps and {num_predictions} predictions"
-        )
+    _check_context_lengths(x, context_lengths, num_predictions)
     teacher_forced, _ = model(x)  # causal: position L-1 only saw x_0..x_{L-1}
+    keys, values = model.keys_and_values(x)
+    per_length = keys.shape[0] * keys.shape[1] * max(context_lengths)
+    chunk = max(1, max_elements // per_length)
+    lengths = torch.tensor(context_lengths)
+    errors = [
+        _free_run_chunk(model, teacher_forced, keys, values, y, part, num_predictions, write_values)
+        for part in lengths.split(chunk)
+    ]
+    return torch.cat(errors)
+
+
+def _free_run_chunk(model, teacher_forced, keys, values, y, lengths, num_predictions, write_values):
+    """Errors of the free-running continuations from the context lengths `lengths` (nL,), side by side.
+
+    Memory entries of a run from length L: the prompt's positions 0..L-2 (true keys and values), then
+    "extra" entries for positions L-1, L, ...: the key of L-1 is known, the others come from the fed-back
+    predictions, and every extra value is written one step late, when the next input is known.
+    """
+    scale = model.config.attn_scale
+    span = int(lengths.max()) - 1
+    prompt_keys, prompt_values = keys[:, :, :span], values[:, :, :span]  # (B, H, S, d)
+    hidden = torch.arange(span)[None, :] >= (lengths[:, None] - 1)  # (nL, S): not in this run's prompt
+    prompt_bias = torch.zeros(hidden.shape, dtype=keys.dtype).masked_fill(hidden, float("-inf"))
+    extra_keys = [keys[:, :, lengths - 1]]  # (B, H, nL, d)
+    extra_values = []
+    predictions = [teacher_forced[:, lengths - 1]]  # (B, nL, 6)
+    for _ in range(num_predictions - 1):
+        fed_back = predictions[-1]
+        value = model._split_heads(model.value(fed_back))  # the delayed write of the previous position
+        extra_values.append(value if write_values else torch.zeros_like(value))
+        query = model._split_heads(model.key(fed_back))  # (B, H, nL, d)
+        prompt_logits = scale * query @ prompt_keys.transpose(-1, -2) + prompt_bias  # (B, H, nL, S)
+        extra_logits = scale * (torch.stack(extra_keys, dim=3) @ query[..., None]).squeeze(-1)  # (B,H,nL,j)
+        weights = torch.softmax(torch.cat([prompt_logits, extra_logits], dim=-1), dim=-1)
+        mixed = weights[..., :span] @ prompt_values
+        mixed = mixed + (weights[..., span:, None] * torch.stack(extra_values, dim=3)).sum(dim=3)
+        predictions.append(model.out(model._merge_heads(mixed)))
+        extra_keys.append(query)
+    predictions = torch.stack(predictions, dim=2)  # (B, nL, n, 6)
+    truth = y[:, (lengths - 1)[:, None] + torch.arange(num_predictions)]  # y_{L-1+j}
+    return (predictions - truth).abs().mean(dim=(0, 2, 3))
+
+
+@torch.no_grad()
+def error_vs_context_stepwise(
+    model: MoonsMemory,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    context_lengths: list[int],
+    num_predictions: int = 25,
+    write_values: bool = True,
+) -> torch.Tensor:
+    """The plain twin of `error_vs_context`: one context length at a time, through `model.step`."""
+    _check_context_lengths(x, context_lengths, num_predictions)
+    teacher_forced, _ = model(x)
     keys, values = model.keys_and_values(x)
     errors = []
     for length in context_lengths:
