@@ -2,9 +2,9 @@
 
 The current model ("all") is timed against variants that each put back the previous implementation
 of one piece (written out below, as they were before the performance work), and against the project's
-GPT, in interleaved rotating rounds in one process (median of --rounds): forward + backward + AdamW,
-n_layer 4, n_embd 256, n_head 4, vocab 4096, batch 8, as in `mosaic bench`. Variants patch module
-globals only while their own step runs.
+GPT: forward + backward + AdamW, n_layer 4, n_embd 256, n_head 4, vocab 4096, batch 8, as in
+`mosaic bench`. Each variant's step runs right after a step of the full model and we keep the ratio
+of the pair (median over --rounds). Variants patch module globals only while their own step runs.
 
     python benchmarks/ablation.py --lengths 256 --dtypes bfloat16,float32   # -> results/ablation.json
 """
@@ -110,32 +110,42 @@ def patched(patches):
 
 
 def measure(length: int, dtype: str, rounds: int, variants: list[str]) -> dict:
+    """Paired design: in every round each variant (and GPT) runs right after a step of the full
+    model, and we keep the ratio of the two; the machine's load drifts less within a pair than
+    across a round. Reported: the median over rounds of each ratio."""
     settings = ThroughputSettings()
-    runs = {"gpt": ([], build_model("gpt", settings, length)), "all": ([], build_model("mosaic", settings, length))}
+    models = {"all": build_model("mosaic", settings, length), "gpt": build_model("gpt", settings, length)}
     for name in variants:
-        runs[name] = (VARIANTS[name], build_model("mosaic", settings, length))
-    steps = {name: (patches, training_step(model, settings, length, dtype)) for name, (patches, model) in runs.items()}
-    seconds = {name: [] for name in steps}
-    names = list(steps)
-    for round_index in range(rounds + 1):  # round 0 warms up
-        shift = round_index % len(names)
-        for name in names[shift:] + names[:shift]:
-            patches, step = steps[name]
-            with patched(patches):
-                start = time.perf_counter()
-                step()
-                elapsed = time.perf_counter() - start
-            if round_index:
-                seconds[name].append(elapsed)
-    median = {name: statistics.median(values) for name, values in seconds.items()}
+        models[name] = build_model("mosaic", settings, length)
+    patches = {name: VARIANTS.get(name, []) for name in models}
+    steps = {name: training_step(model, settings, length, dtype) for name, model in models.items()}
+
+    def timed(name: str) -> float:
+        with patched(patches[name]):
+            start = time.perf_counter()
+            steps[name]()
+            return time.perf_counter() - start
+
+    for name in steps:  # warm-up
+        timed(name)
+    others = ["gpt", *variants]
+    ratios: dict[str, list[float]] = {name: [] for name in others}
+    seconds: dict[str, list[float]] = {name: [] for name in steps}
+    for round_index in range(rounds):
+        shift = round_index % len(others)
+        for name in others[shift:] + others[:shift]:
+            full, other = timed("all"), timed(name)
+            seconds["all"].append(full)
+            seconds[name].append(other)
+            ratios[name].append(other / full)
+    median = {name: statistics.median(values) for name, values in ratios.items()}
     return {
         "seq_len": length,
         "dtype": dtype,
-        "seconds_per_step": median,
-        "all_seconds": seconds,
-        "slowdown_without": {name: median[name] / median["all"] for name in variants},
-        "mosaic_over_gpt": median["gpt"] / median["all"],
-        "mosaic_over_gpt_without": {name: median["gpt"] / median[name] for name in variants},
+        "median_seconds_per_step": {name: statistics.median(values) for name, values in seconds.items()},
+        "slowdown_without": {name: median[name] for name in variants},
+        "mosaic_over_gpt": median["gpt"],
+        "paired_ratios": ratios,
     }
 
 
@@ -156,7 +166,7 @@ def main() -> int:
         for dtype in args.dtypes.split(","):
             cell = measure(length, dtype, args.rounds, args.variants.split(","))
             cells.append(cell)
-            print(json.dumps({k: cell[k] for k in ("seq_len", "dtype", "seconds_per_step", "mosaic_over_gpt")}))
+            print(json.dumps({k: cell[k] for k in ("seq_len", "dtype", "slowdown_without", "mosaic_over_gpt")}))
     result = {"threads": torch.get_num_threads(), "rounds": args.rounds, "cells": cells}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

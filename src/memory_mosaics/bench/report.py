@@ -20,15 +20,19 @@ def _cell_rows(result: dict) -> list[tuple[int, str, dict[str, dict]]]:
 def markdown_table(result: dict) -> str:
     """One line per cell: tokens/s, ratios, MFU and step memory of each model."""
     models = list(result["settings"]["models"])
-    head = ["T", "dtype"] + [f"{m} tok/s" for m in models] + ["MM/GPT", "GPT/nanoGPT"]
+    pairs = [("mosaic", "gpt"), ("mosaic", "nanogpt"), ("gpt", "nanogpt")]
+    pairs = [(a, b) for a, b in pairs if a in models and b in models]
+    names = {"mosaic": "MM", "gpt": "GPT", "nanogpt": "nanoGPT"}
+    head = ["T", "dtype"] + [f"{m} tok/s" for m in models] + [f"{names[a]}/{names[b]}" for a, b in pairs]
     head += [f"{m} MFU" for m in models] + [f"{m} step MiB" for m in models] + ["MM/GPT memory"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for (length, dtype, rows), cell in zip(_cell_rows(result), result["cells"], strict=True):
+    for length, dtype, rows in _cell_rows(result):
         values = [str(length), dtype] + [f"{rows[m]['tokens_per_second']:.0f}" for m in models]
-        values += [_fmt(cell.get("mosaic_over_gpt")), _fmt(cell.get("gpt_over_nanogpt"))]
+        values += [_fmt(rows[a]["tokens_per_second"] / rows[b]["tokens_per_second"]) for a, b in pairs]
         values += [f"{100 * rows[m]['mfu']:.1f}%" for m in models]
         values += [f"{rows[m]['step_peak_bytes'] / MIB:.0f}" if "step_peak_bytes" in rows[m] else "-" for m in models]
-        values += [_fmt(cell.get("memory_mosaic_over_gpt"))]
+        memory = [rows[m].get("step_peak_bytes") for m in ("mosaic", "gpt") if m in rows]
+        values += [_fmt(memory[0] / memory[1]) if len(memory) == 2 and None not in memory else "-"]
         lines.append("| " + " | ".join(values) + " |")
     return "\n".join(lines)
 
@@ -57,11 +61,17 @@ def plot_throughput(result: dict, path: str | Path) -> None:
     left.set_ylabel("training tokens / s (median)")
     left.set_title("forward + backward + AdamW")
     left.legend()
-    ratios = [cell.get("mosaic_over_gpt") or 0.0 for cell in result["cells"]]
-    right.bar([i - 0.2 for i in range(len(cells))], ratios, 0.4, label="throughput MM / GPT")
+    series = []
+    for other in ("gpt", "nanogpt"):
+        if "mosaic" in models and other in models:
+            values = [rows["mosaic"]["tokens_per_second"] / rows[other]["tokens_per_second"] for _, _, rows in cells]
+            series.append((f"throughput MM / {other}", values))
     memory = [cell.get("memory_mosaic_over_gpt") for cell in result["cells"]]
     if any(m is not None for m in memory):
-        right.bar([i + 0.2 for i in range(len(cells))], [m or 0.0 for m in memory], 0.4, label="step memory MM / GPT")
+        series.append(("step memory MM / gpt", [m or 0.0 for m in memory]))
+    bar = 0.8 / max(1, len(series))
+    for index, (label, values) in enumerate(series):
+        right.bar([i + (index - (len(series) - 1) / 2) * bar for i in range(len(cells))], values, bar, label=label)
     right.axhline(0.9, color="k", linestyle="--", linewidth=1, label="throughput target 0.9")
     right.axhline(1.2, color="grey", linestyle=":", linewidth=1, label="memory target 1.2 (T=4096)")
     right.set_xticks(range(len(cells)), labels)

@@ -182,6 +182,7 @@ def run_throughput(settings: ThroughputSettings, progress: Callable[[str], None]
                     "dtype": dtype,
                     "mosaic_over_gpt": _ratio(cell, "tokens_per_second", "mosaic", "gpt"),
                     "gpt_over_nanogpt": _ratio(cell, "tokens_per_second", "gpt", "nanogpt"),
+                    "mosaic_over_nanogpt": _ratio(cell, "tokens_per_second", "mosaic", "nanogpt"),
                     "memory_mosaic_over_gpt": _ratio(cell, "step_peak_bytes", "mosaic", "gpt"),
                 }
             )
