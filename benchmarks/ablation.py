@@ -149,6 +149,54 @@ def measure(length: int, dtype: str, rounds: int, variants: list[str]) -> dict:
     }
 
 
+def components(length: int, dtype: str, rounds: int) -> dict:
+    """Forward + backward of single pieces and layers (batch 8, C 256, 4 heads, P 896), interleaved,
+    median over rounds, milliseconds: each optimised piece beside its predecessor, and each memory
+    beside the transformer layer it stands for."""
+    from memory_mosaics.layers import ContextMemory, PersistentMemory
+    from memory_mosaics.models.gpt import MLP, CausalSelfAttention, GPTConfig
+    from memory_mosaics.ops import persistent_retrieval, scaled_normalize
+
+    batch, channels, heads = 8, 256, 4
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=8, block_size=length, n_layer=4, n_head=heads, n_embd=channels, dropout=0.0)
+    wide = torch.randn(batch, length, 2 * channels)
+    split = lambda t: t[..., :channels].view(batch, length, heads, -1).transpose(1, 2)  # noqa: E731
+    decay = torch.linspace(0.5, 5.0, heads)
+    tables = torch.randn(2, 1, heads, 896, channels // heads) / 8
+    queries = F.normalize(torch.randn(heads, batch, length, channels // heads), dim=-1).transpose(0, 1) * 2
+    pieces = {
+        "leaky average (autograd)": (lambda x: leaky_average_autograd(split(x), decay), wide),
+        "leaky average (now)": (lambda x: leaky_average_now(split(x), decay), wide),
+        "normalise (autograd)": (lambda x: scaled_normalize_reference(split(x), decay), wide),
+        "normalise (now)": (lambda x: scaled_normalize(split(x), decay), wide),
+        "persistent read (autograd)": (lambda q: persistent_retrieval_materialised(q, *tables), queries),
+        "persistent read (now)": (lambda q: persistent_retrieval(q, *tables), queries),
+        "GPT attention": (CausalSelfAttention(config), wide[..., :channels]),
+        "ContextMemory": (ContextMemory(channels, heads, 4), wide[..., :channels]),
+        "GPT MLP": (MLP(config), wide[..., :channels]),
+        "PersistentMemory": (PersistentMemory(channels, heads, 896, 1, 4), wide[..., :channels]),
+    }
+
+    def timed(fn, source) -> float:
+        x = source.detach().requires_grad_()
+        start = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+            y = fn(x.bfloat16() if dtype == "bfloat16" and not isinstance(fn, torch.nn.Module) else x)
+        y.backward(torch.ones_like(y))
+        return 1e3 * (time.perf_counter() - start)
+
+    times = {name: [] for name in pieces}
+    names = list(pieces)
+    for round_index in range(rounds + 1):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            elapsed = timed(*pieces[name])
+            if round_index:
+                times[name].append(elapsed)
+    return {"seq_len": length, "dtype": dtype, "median_ms": {k: statistics.median(v) for k, v in times.items()}}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", default="256")
@@ -156,7 +204,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--variants", default=",".join(VARIANTS))
-    parser.add_argument("--json", default=str(RESULTS / "ablation.json"))
+    parser.add_argument("--components", action="store_true", help="time single pieces and layers instead")
+    parser.add_argument("--json", default=None, help="default results/ablation.json (or components.json)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -164,12 +213,17 @@ def main() -> int:
     cells = []
     for length in (int(v) for v in args.lengths.split(",")):
         for dtype in args.dtypes.split(","):
+            if args.components:
+                cells.append(components(length, dtype, args.rounds))
+                print(json.dumps(cells[-1]))
+                continue
             cell = measure(length, dtype, args.rounds, args.variants.split(","))
             cells.append(cell)
             print(json.dumps({k: cell[k] for k in ("seq_len", "dtype", "slowdown_without", "mosaic_over_gpt")}))
     result = {"threads": torch.get_num_threads(), "rounds": args.rounds, "cells": cells}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    path = Path(args.json or RESULTS / ("components.json" if args.components else "ablation.json"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
     return 0
 
 
