@@ -57,9 +57,7 @@ def run(args: argparse.Namespace) -> int:
         optimizer.step()
         history.append({"step": step, "loss": loss.item()})
         if step == 1 or step % args.log_every == 0 or step == args.steps:
-            print(
-                f"step {step:4d}  loss on the copy {loss.item():.3f}  ({time.perf_counter() - start:.1f} s)"
-            )
+            print(f"step {step:4d}  loss on the copy {loss.item():.3f}  ({time.perf_counter() - start:.1f} s)")
     if args.json:
         write_json(args.json, {"config": config.to_dict(), "history": history})
     return 0
