@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "demo",
-        help="train a tiny Memory Mosaic on an in-context copy task (seconds, no data needed)",
+        help="train a tiny Memory Mosaic on an in-context copy task (no data needed)",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
