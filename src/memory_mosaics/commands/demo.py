@@ -1,4 +1,4 @@
-"""`mosaic demo`: a small Memory Mosaic learns an in-context copy task in a few seconds on CPU.
+"""`mosaic demo`: a small Memory Mosaic learns an in-context copy task on CPU, with no data to download.
 
 Each sequence is a random string of symbols followed by a separator and the same string again. The
 second half can only be predicted by retrieving, from the context memory, what followed each symbol the
