@@ -127,6 +127,17 @@ def lsh_recall(state, layer: int, tables: int, bits: int, seed: int, queries: in
     return top_key_recall(query @ keys.transpose(-1, -2), candidates, k, admissible)
 
 
+def candidate_fraction(state) -> float:
+    """Mean share of the stored keys that are LSH candidates for the newest key of each layer."""
+    shares = []
+    for layer in state.layers:
+        memory = layer.memory
+        query = layer.pending_keys[:, :, -1:]
+        _, valid = memory.index.candidates(memory.hasher.codes(query), memory.codes)
+        shares.append(float(valid.sum(-1).float().mean()) / memory.filled)
+    return statistics.mean(shares)
+
+
 def cached_vs_recompute(model, idx, contexts: list[int], steps: int, chunk: int) -> list[dict]:
     rows = []
     state = model.init_state(1)
@@ -230,6 +241,10 @@ def quality(model, tokenizer, args) -> list[dict]:
                 "text": spec, "source": source, "tokens": ids.shape[1], "policy": name, "options": options,
                 "loss": loss, "relative_to_exact": 0.0, "seconds": time.perf_counter() - start,
             })  # fmt: skip
+            if not name.startswith("features"):  # retrieval speed and LSH candidates on trained keys
+                rows[-1]["retrieval_ms_layer0"], _ = time_retrieval(state)
+                if name.startswith("lsh"):
+                    rows[-1]["candidate_fraction"] = candidate_fraction(state)
             if name == "exact":
                 exact = loss
                 # Recall of each query's exact top-10 keys among its LSH candidates, on the trained model's
