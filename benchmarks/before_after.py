@@ -1,0 +1,110 @@
+"""The Memory Mosaic of an earlier commit against today's, and the GPT, interleaved in one process.
+
+The earlier package is extracted with `git archive REV src/memory_mosaics` into a temporary folder
+and imported under another name, so both models train side by side (forward + backward + AdamW,
+the `mosaic bench` shape), in rotating rounds; median per model.
+
+    python benchmarks/before_after.py --rev 6daeb79 --lengths 256 --dtypes bfloat16,float32
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import io
+import json
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from memory_mosaics.bench.throughput import ThroughputSettings, build_model, training_step
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def import_revision(rev: str, folder: Path):
+    """The package as of `rev`, importable as `memory_mosaics_then`."""
+    archive = subprocess.run(
+        ["git", "archive", rev, "src/memory_mosaics"], cwd=ROOT, capture_output=True, check=True
+    ).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(folder, filter="data")
+    package = folder / "memory_mosaics_then"
+    (folder / "src" / "memory_mosaics").rename(package)
+    for path in package.rglob("*.py"):
+        path.write_text(path.read_text().replace("memory_mosaics", "memory_mosaics_then"))
+    sys.path.insert(0, str(folder))
+    return importlib.import_module("memory_mosaics_then")
+
+
+def measure(then, length: int, dtype: str, rounds: int) -> dict:
+    settings = ThroughputSettings()
+    torch.manual_seed(settings.seed)
+    config = then.MemoryMosaicConfig(
+        vocab_size=settings.vocab_size,
+        block_size=length,
+        n_layer=settings.n_layer,
+        n_head=settings.n_head,
+        n_embd=settings.n_embd,
+        dropout=0.0,
+        pmem_size=int(3.5 * settings.n_embd),
+    )
+    models = {
+        "mosaic_then": then.MemoryMosaic(config),
+        "mosaic_now": build_model("mosaic", settings, length),
+        "gpt": build_model("gpt", settings, length),
+    }
+    steps = {name: training_step(model, settings, length, dtype) for name, model in models.items()}
+    seconds = {name: [] for name in steps}
+    names = list(steps)
+    for round_index in range(rounds + 1):  # round 0 warms up
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            start = time.perf_counter()
+            steps[name]()
+            if round_index:
+                seconds[name].append(time.perf_counter() - start)
+    median = {name: statistics.median(values) for name, values in seconds.items()}
+    return {
+        "seq_len": length,
+        "dtype": dtype,
+        "seconds_per_step": median,
+        "all_seconds": seconds,
+        "speedup_now_over_then": median["mosaic_then"] / median["mosaic_now"],
+        "mosaic_over_gpt_then": median["gpt"] / median["mosaic_then"],
+        "mosaic_over_gpt_now": median["gpt"] / median["mosaic_now"],
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rev", default="6daeb79")
+    parser.add_argument("--lengths", default="256")
+    parser.add_argument("--dtypes", default="bfloat16,float32")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", default=str(RESULTS / "before_after.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as folder:
+        then = import_revision(args.rev, Path(folder))
+        cells = []
+        for length in (int(v) for v in args.lengths.split(",")):
+            for dtype in args.dtypes.split(","):
+                cells.append(measure(then, length, dtype, args.rounds))
+                print(json.dumps({k: v for k, v in cells[-1].items() if k != "all_seconds"}), flush=True)
+    result = {"rev": args.rev, "threads": args.threads, "rounds": args.rounds, "cells": cells}
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
