@@ -38,7 +38,7 @@ def test_flop_count_follows_nanogpt_formula_and_models_match_in_size():
     settings = ThroughputSettings(n_layer=2, n_embd=32, n_head=4, vocab_size=100)
     gpt, mosaic = build_model("gpt", settings, 64), build_model("mosaic", settings, 64)
     layer_weights = 2 * 12 * 32 * 32  # attention 4C^2 + MLP 8C^2 per layer
-    assert model_flops_per_token(gpt, 64) == 6 * (layer_weights + 100 * 32) + 12 * 2 * 32 * 64
+    assert model_flops_per_token(gpt, 64) == 6 * (layer_weights + 100 * 32) + 6 * 2 * 32 * 64
     # pmem_size = 3.5 C: the same weights per layer (the persistent tables count as weights).
     assert model_flops_per_token(mosaic, 64) == model_flops_per_token(gpt, 64)
 

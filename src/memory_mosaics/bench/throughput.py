@@ -94,14 +94,17 @@ def training_step(model: nn.Module, settings: ThroughputSettings, length: int, d
 
 
 def model_flops_per_token(model: nn.Module, length: int) -> float:
-    """Matrix-product FLOPs of one training step per token (forward + backward), as in nanoGPT's MFU:
-    6 per weight used in a product (every weight of >= 2 dimensions except the position table; the
-    tied embedding counts once, as the head; a Memory Mosaic's persistent tables count like weights,
-    since each slot takes part in two products per token) plus 12 L C T for attention over T tokens.
-    Elementwise work (softmax, normalisation, the leaky scan) is not counted, for either model."""
-    weights = sum(p.numel() for name, p in model.named_parameters() if p.dim() >= 2 and not name.startswith("wpe"))
+    """Matrix-product FLOPs of one training step per token (forward + backward), nanoGPT's count
+    with causal attention: 6 per weight used in a product (every weight of >= 2 dimensions except the
+    position table; the tied embedding counts once, as the head; a Memory Mosaic's persistent tables
+    count like weights, since each slot takes part in two products per token) plus 6 L C T for
+    attention (nanoGPT's 12 L C T counts the masked half of the score matrix too). Elementwise work
+    (softmax, normalisation, the leaky scan) is not counted, for any model."""
+    weights = sum(
+        p.numel() for name, p in model.named_parameters() if p.dim() >= 2 and not name.startswith("wpe")
+    )
     config = model.config
-    return 6 * weights + 12 * config.n_layer * config.n_embd * length
+    return 6 * weights + 6 * config.n_layer * config.n_embd * length
 
 
 def matmul_peak(dtype: str, device: str, size: int = 2048, repeats: int = 5) -> float:
