@@ -100,9 +100,7 @@ def model_flops_per_token(model: nn.Module, length: int) -> float:
     count like weights, since each slot takes part in two products per token) plus 6 L C T for
     attention (nanoGPT's 12 L C T counts the masked half of the score matrix too). Elementwise work
     (softmax, normalisation, the leaky scan) is not counted, for any model."""
-    weights = sum(
-        p.numel() for name, p in model.named_parameters() if p.dim() >= 2 and not name.startswith("wpe")
-    )
+    weights = sum(p.numel() for name, p in model.named_parameters() if p.dim() >= 2 and not name.startswith("wpe"))
     config = model.config
     return 6 * weights + 6 * config.n_layer * config.n_embd * length
 
