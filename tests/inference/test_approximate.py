@@ -151,3 +151,21 @@ def test_lsh_index_finds_exactly_the_scanned_candidates():
             assert candidate_sets(index, valid) == expected, (capacity, t)
             assert int(valid.sum()) == int(scanned.sum())  # no duplicates
         assert memory.index.sorted_codes is not None
+
+
+def test_lsh_generation_read_equals_masked_exact_read_on_both_paths(monkeypatch):
+    """One query reads its candidates either gathered (few) or through a dense masked product (many);
+    both equal the plain twin: an exact softmax over the scanned candidates."""
+    from memory_mosaics.inference import bounded
+    from memory_mosaics.inference.bounded import SlotMemory
+
+    queries, keys, values = retrieval_problem(2.7)
+    hasher = HyperplaneHash(HEADS, DIM, tables=4, bits=5, generator=torch.Generator().manual_seed(3))
+    memory = SlotMemory(None, None, shift=1, hasher=hasher)
+    memory.extend_and_read(keys[:, :, :1], keys[:, :, :-1], values[:, :, :-1], STORED - 1)
+    query = queries[:, :, 5:6]
+    candidates = lsh_candidates(hasher.codes(query), memory.codes[..., : memory.filled])
+    expected, _ = dense_read(query, keys[:, :, :-1], values[:, :, :-1], candidates)
+    for limit in (1, 10**9):  # always gather / never gather
+        monkeypatch.setattr(bounded, "GATHER_LIMIT", limit)
+        torch.testing.assert_close(memory.lookup(query), expected, rtol=0, atol=1e-5)

@@ -35,6 +35,9 @@ from memory_mosaics.inference.approximate import HyperplaneHash, LSHIndex, candi
 # Largest score matrix (elements) built at once when a long chunk is read against many pairs.
 READ_BUDGET = 1 << 24
 NEVER = -1  # last_used of an empty slot
+# LSH generation gathers a query's candidates only when they are at most 1/GATHER_LIMIT of the stored
+# keys; beyond that, copying them costs more than one dense product over all keys (measured on CPU).
+GATHER_LIMIT = 8
 
 
 class EvictionPolicy:
@@ -216,15 +219,20 @@ class SlotMemory:
         if pairs is not None:
             keys, values, codes = pairs
         tracking = self.last_used is not None
+        mask = admissible
         if self.hasher is not None and pairs is None and queries.shape[2] == 1:
             # Generation with LSH: the query's buckets from the sorted index; only those keys are scored.
             index, valid = self.index.candidates(self.hasher.codes(queries), self.codes)
-            reads, weights = candidate_read(queries, self.keys, self.values, index, valid)
-            if tracking:
-                self._mark_used(weights, times, index)
-            return reads
-        mask = admissible
-        if self.hasher is not None:
+            if index.shape[-1] * GATHER_LIMIT <= stored:
+                reads, weights = candidate_read(queries, self.keys, self.values, index, valid)
+                if tracking:
+                    self._mark_used(weights, times, index)
+                return reads
+            # Many candidates (trained keys repeat: every earlier occurrence of a frequent token shares
+            # its bucket): copying them costs more than scoring all keys, so mask a dense read instead.
+            found = torch.zeros(*index.shape[:3], stored + 1, dtype=torch.bool, device=index.device)
+            mask = found.scatter_(-1, index.masked_fill(~valid, stored), True)[..., :stored]
+        elif self.hasher is not None:
             # A chunk (prefill): comparing the queries' codes with every stored key's, then one fused
             # masked product, is cheaper than gathering each query's candidates (measured: 2-4x), and
             # costs a small multiple of exact prefill.
