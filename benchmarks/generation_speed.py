@@ -96,9 +96,9 @@ def time_steps(model, state, tokens: torch.Tensor) -> tuple[float, float]:
     return medians(clocks)
 
 
-def time_retrieval(state, repeats: int = 9) -> tuple[float, float]:
-    """Median (CPU, wall) ms of one query read against layer 0's memory (its newest key as the query)."""
-    layer = state.layers[0]
+def time_retrieval(state, repeats: int = 9, layer: int = 0) -> tuple[float, float]:
+    """Median (CPU, wall) ms of one query read against a layer's memory (its newest key as the query)."""
+    layer = state.layers[layer]
     query = layer.pending_keys[:, :, -1:]
     clocks = []
     for _ in range(repeats):
@@ -242,7 +242,9 @@ def quality(model, tokenizer, args) -> list[dict]:
                 "loss": loss, "relative_to_exact": 0.0, "seconds": time.perf_counter() - start,
             })  # fmt: skip
             if not name.startswith("features"):  # retrieval speed and LSH candidates on trained keys
-                rows[-1]["retrieval_ms_layer0"], _ = time_retrieval(state)
+                per_layer = [time_retrieval(state, layer=i)[0] for i in range(len(state.layers))]
+                rows[-1]["retrieval_ms_layer0"] = per_layer[0]
+                rows[-1]["retrieval_ms_per_layer"] = per_layer  # trained keys cluster unevenly by layer
                 if name.startswith("lsh"):
                     rows[-1]["candidate_fraction"] = candidate_fraction(state)
             if name == "exact":

@@ -126,40 +126,38 @@ class LSHIndex:
         self.tail = None
 
     def candidates(self, query_codes: Tensor, codes: Tensor) -> tuple[Tensor, Tensor]:
-        """query_codes (B, H, tables, n) -> slot index (B, H, n, K) and valid (B, H, n, K), no duplicates."""
+        """query_codes (B, H, tables, n) -> slot index (B, H, n, K) and valid (B, H, n, K), no duplicates.
+
+        Trained keys cluster: one bucket of a table can hold a large share of the keys while the others
+        are small, so the bucket ranges are read as one ragged list (no padding to the widest bucket)
+        and marked in a per-query bit map over the slots, which also drops keys found in several tables.
+        """
         batch, heads, tables, n = query_codes.shape
-        indices, valids = [], []
+        capacity = codes.shape[-1]
+        found = torch.zeros(batch * heads, n, capacity, dtype=torch.bool, device=query_codes.device)
         if self.sorted_codes is not None:
-            low = torch.searchsorted(self.sorted_codes, query_codes)  # (B, H, tables, n)
-            high = torch.searchsorted(self.sorted_codes, query_codes, right=True)
-            width = int((high - low).max())
-            if width:
-                offsets = low.unsqueeze(-1) + torch.arange(width, device=low.device)  # (B, H, tables, n, W)
-                in_bucket = offsets < high.unsqueeze(-1)
-                last = self.sorted_slots.shape[-1] - 1
-                slots = self.sorted_slots.gather(-1, offsets.clamp(max=last).flatten(-2)).view_as(offsets)
-                current = codes.gather(-1, slots.flatten(-2)).view_as(slots)  # a stale entry: the slot was
-                fresh = current == query_codes.unsqueeze(-1)  # overwritten by a pair in another bucket
-                indices.append(slots.transpose(2, 3).reshape(batch, heads, n, -1))
-                valids.append((in_bucket & fresh).transpose(2, 3).reshape(batch, heads, n, -1))
+            low = torch.searchsorted(self.sorted_codes, query_codes).flatten()  # (B*H*tables*n,)
+            counts = torch.searchsorted(self.sorted_codes, query_codes, right=True).flatten() - low
+            total = int(counts.sum())
+            if total:
+                # range r = ((b*H + h)*tables + t)*n + i covers sorted entries low[r] ... low[r]+counts[r]-1
+                ranges = torch.repeat_interleave(torch.arange(counts.numel(), device=low.device), counts)
+                within = torch.arange(total, device=low.device) - (counts.cumsum(0) - counts)[ranges]
+                table_row, query = ranges // n, ranges % n  # table_row = (b*H + h)*tables + t
+                sorted_length = self.sorted_slots.shape[-1]
+                slots = self.sorted_slots.flatten()[table_row * sorted_length + low[ranges] + within]
+                # A stale entry: the slot was overwritten since the sort by a pair in another bucket.
+                current = codes.reshape(-1, capacity)[table_row, slots]
+                fresh = current == query_codes.flatten()[ranges]
+                head_row = table_row // tables
+                found[head_row[fresh], query[fresh], slots[fresh]] = True
         if self.tail is not None:
             tail_codes = codes.gather(-1, self.tail.unsqueeze(2).expand(-1, -1, tables, -1))  # (B, H, tables, R)
             hit = (tail_codes.unsqueeze(-2) == query_codes.unsqueeze(-1)).any(dim=2)  # (B, H, n, R)
-            indices.append(self.tail.unsqueeze(2).expand(-1, -1, n, -1))
-            valids.append(hit)
-        if not indices:
-            empty = torch.zeros(batch, heads, n, 0, dtype=torch.long, device=query_codes.device)
-            return empty, empty.bool()
-        # A key in the query's bucket in several tables (or in both the sort and the tail) counts once.
-        keyed = torch.where(torch.cat(valids, -1), torch.cat(indices, -1), -1).sort(dim=-1).values
-        repeat = torch.zeros_like(keyed, dtype=torch.bool)
-        repeat[..., 1:] = keyed[..., 1:] == keyed[..., :-1]
-        # Pack the distinct candidates to the left and cut the padding: only they are read and scored.
-        unused = torch.iinfo(keyed.dtype).max
-        packed = keyed.masked_fill((keyed < 0) | repeat, unused).sort(dim=-1).values
-        packed = packed[..., : int((packed != unused).sum(-1).max())]
-        valid = packed != unused
-        return packed.masked_fill(~valid, 0), valid
+            tail = self.tail.unsqueeze(2).expand(-1, -1, n, -1).reshape(batch * heads, n, -1)
+            found |= torch.zeros_like(found).scatter_(-1, tail, hit.reshape(batch * heads, n, -1))
+        index, valid = pack_candidates(found.view(batch, heads, n, capacity))
+        return index, valid
 
 
 def top_key_recall(scores: Tensor, candidates: Tensor, k: int, admissible: Tensor | None = None) -> float:
