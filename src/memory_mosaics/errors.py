@@ -11,3 +11,7 @@ class ConfigError(MosaicError, ValueError):
 
 class CheckpointError(MosaicError):
     """A checkpoint folder is missing, corrupt, or its config and weights disagree."""
+
+
+class NumericalFaultError(MosaicError):
+    """Training met too many steps in a row with a non-finite loss or gradient, and stopped."""

@@ -15,7 +15,7 @@ from typing import Any, ClassVar, TypeVar
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -147,9 +147,21 @@ class PretrainedModel(nn.Module):
             config = cls.config_class.from_dict(config_values)
         except (ConfigError, TypeError) as err:
             raise CheckpointError(f"{config_path}: invalid config: {err}") from err
+        # Check the config against the weights file's header before allocating anything, so a
+        # config.json with absurd sizes fails at once instead of exhausting memory: build the
+        # model on the meta device (shapes only), then compare with the header's shapes.
+        shapes = read_weight_shapes(folder)
+        n_layer = getattr(config, "n_layer", 0)
+        if n_layer > len(shapes):
+            raise CheckpointError(
+                f"{config_path}: n_layer is {n_layer} but {Path(folder) / WEIGHTS_FILE} holds only "
+                f"{len(shapes)} tensors; the config and the weights do not belong together"
+            )
+        with torch.device("meta"):
+            skeleton = cls(config)
+        check_weight_shapes(folder, skeleton, shapes)
         model = cls(config)
-        # Tied parameters are absent from the file (read_weights checked that exactly they are);
-        # loading their source fills them too.
+        # Tied parameters are absent from the file (checked above); loading their source fills them too.
         model.load_state_dict(read_weights(folder, model, map_location), strict=False)
         return model
 
@@ -174,24 +186,30 @@ def read_config(folder: str | os.PathLike[str]) -> tuple[str, dict[str, Any]]:
     return model_type, values
 
 
-def read_weights(
-    folder: str | os.PathLike[str], model: PretrainedModel, map_location: str = "cpu"
-) -> dict[str, Tensor]:
-    """Load `model.safetensors` and check it holds exactly the model's tensors with their shapes."""
+def read_weight_shapes(folder: str | os.PathLike[str]) -> dict[str, tuple[int, ...]]:
+    """The tensor names and shapes in `model.safetensors`, read from its header alone."""
     path = Path(folder) / WEIGHTS_FILE
     if not path.is_file():
         raise CheckpointError(f"{path}: missing; a saved model folder holds {CONFIG_FILE} and {WEIGHTS_FILE}")
     try:
-        tensors = load_file(str(path), device=map_location)
+        with safe_open(str(path), framework="pt") as f:
+            return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from err
-    expected = {name: t for name, t in model.state_dict().items() if name not in model.tied_parameters}
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
+
+
+def check_weight_shapes(
+    folder: str | os.PathLike[str], model: PretrainedModel, shapes: dict[str, tuple[int, ...]]
+) -> None:
+    """The file holds exactly the model's tensors (tied ones excepted), each with the model's shape."""
+    path = Path(folder) / WEIGHTS_FILE
+    expected = {n: tuple(t.shape) for n, t in model.state_dict().items() if n not in model.tied_parameters}
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
     wrong_shape = [
-        f"{name} {tuple(tensors[name].shape)} (config wants {tuple(t.shape)})"
-        for name, t in expected.items()
-        if name in tensors and tensors[name].shape != t.shape
+        f"{name} {shapes[name]} (config wants {shape})"
+        for name, shape in expected.items()
+        if name in shapes and shapes[name] != shape
     ]
     problems = []
     if missing:
@@ -202,6 +220,21 @@ def read_weights(
         problems.append(f"wrong shape {', '.join(wrong_shape[:4])}")
     if problems:
         raise CheckpointError(f"{path}: weights do not match {Path(folder) / CONFIG_FILE}: {'; '.join(problems)}")
+
+
+def read_weights(
+    folder: str | os.PathLike[str], model: PretrainedModel, map_location: str = "cpu"
+) -> dict[str, Tensor]:
+    """Load `model.safetensors` and check it holds exactly the model's tensors, as floats."""
+    path = Path(folder) / WEIGHTS_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing; a saved model folder holds {CONFIG_FILE} and {WEIGHTS_FILE}")
+    try:
+        tensors = load_file(str(path), device=map_location)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from err
+    check_weight_shapes(folder, model, {name: tuple(t.shape) for name, t in tensors.items()})
+    expected = model.state_dict()
     for name, tensor in tensors.items():
         if not tensor.is_floating_point():
             raise CheckpointError(f"{path}: tensor {name} has dtype {tensor.dtype}, expected a float dtype")

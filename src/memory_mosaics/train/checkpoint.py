@@ -9,15 +9,26 @@ A run folder holds its latest checkpoint in `RUN/checkpoint/`:
     trainer_state.json               step, training config, optimizer groups, sampler, scaler, data
                                      identity; written last, so its presence marks a whole checkpoint
 
-A new checkpoint is written to `RUN/checkpoint.tmp`, then swapped in by renames; the previous one is
-kept as `RUN/checkpoint.prev` until the swap is done, so a crash at any moment leaves one whole
-checkpoint behind.
+A new checkpoint is written to `RUN/checkpoint.tmp`; every file and folder in it is fsynced, then it
+is swapped in by renames (the run folder fsynced after each); the previous one is kept as
+`RUN/checkpoint.prev` until the swap is done. trainer_state.json lists every other file with its size,
+so a reader can tell a whole checkpoint from a damaged one. A `kill -9` (or a power cut) at any
+moment therefore leaves at least one whole checkpoint, and `find_resumable` picks the newest whole
+one: `checkpoint/`, else `checkpoint.prev/`.
+
+Test hook: with the environment variable MOSAIC_CRASH_AT=STAGE:STEP, the process kills itself with
+SIGKILL at STAGE of writing the checkpoint of step STEP, where STAGE is `writing` (the new checkpoint
+half written), `swapping` (the old one moved to .prev, the new one not yet in place) or `swapped`
+(the new one in place, .prev not yet removed). tests/train/test_crash.py uses it to hit the middle
+of a write deterministically; nothing else sets it.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +41,9 @@ from memory_mosaics.errors import CheckpointError, MosaicError
 
 FORMAT_VERSION = 1
 STATE_FILE = "trainer_state.json"
+RUN_CONFIG = "run_config.json"
 LATEST = "checkpoint"
+CRASH_ENV = "MOSAIC_CRASH_AT"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -69,13 +82,20 @@ def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, 
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """The checkpoint folder for `--ckpt PATH`: PATH itself if it holds a model, else PATH/checkpoint."""
+    """The checkpoint folder for `--ckpt PATH`: PATH itself if it holds a model, else the newest whole
+    checkpoint of the run folder PATH (PATH/checkpoint, else PATH/checkpoint.prev)."""
     path = Path(path)
     if (path / "config.json").is_file():
         return path
-    for name in (LATEST, LATEST + ".prev"):
-        if (path / name / "config.json").is_file():
-            return path / name
+    candidates = [path / name for name in (LATEST, LATEST + ".prev") if (path / name / "config.json").is_file()]
+    for folder in candidates:
+        try:
+            if whole_checkpoint_problem(folder) is None:
+                return folder
+        except CheckpointError:
+            continue
+    if candidates:  # none is whole: loading the newest reports what is wrong with it
+        return candidates[0]
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist; pass a run folder written by `mosaic train`")
     raise CheckpointError(
@@ -117,13 +137,28 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> nn.Mod
 
 
 def load_tokenizer_of(folder: str | Path):
-    """The tokenizer saved beside a checkpoint's model."""
+    """The tokenizer saved beside a checkpoint's model, checked against the model and the run."""
     from memory_mosaics.data.tokenizers import load_tokenizer
+    from memory_mosaics.models.base import read_config
 
     folder = resolve_checkpoint(folder)
     if not (folder / "tokenizer").is_dir():
         raise CheckpointError(f"{folder} has no tokenizer/ folder; it was not written by `mosaic train`")
-    return load_tokenizer(folder / "tokenizer")
+    tokenizer = load_tokenizer(folder / "tokenizer")
+    vocab_size = read_config(folder)[1].get("vocab_size")
+    if isinstance(vocab_size, int) and tokenizer.vocab_size > vocab_size:
+        raise CheckpointError(
+            f"{folder / 'tokenizer'} has {tokenizer.vocab_size} tokens but the model in {folder} only "
+            f"{vocab_size}: the tokenizer does not belong to this checkpoint"
+        )
+    if (folder / STATE_FILE).is_file():
+        trained_with = read_trainer_state(folder).get("data", {}).get("tokenizer_fingerprint")
+        if trained_with is not None and trained_with != tokenizer.fingerprint():
+            raise CheckpointError(
+                f"{folder / 'tokenizer'} is {tokenizer.fingerprint()} but the model was trained with "
+                f"{trained_with} ({folder / STATE_FILE}): the tokenizer does not belong to this checkpoint"
+            )
+    return tokenizer
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -138,49 +173,151 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     rng_states: list[dict[str, torch.Tensor]],
 ) -> Path:
-    """Write RUN/checkpoint whole: build it in RUN/checkpoint.tmp, then swap it in."""
+    """Write RUN/checkpoint whole: build it in RUN/checkpoint.tmp, fsync it, then swap it in.
+
+    A write that fails (a full disk, a read-only folder) raises CheckpointError and leaves the
+    previous checkpoint as it was.
+    """
     run_dir = Path(run_dir)
     final, tmp, prev = run_dir / LATEST, run_dir / (LATEST + ".tmp"), run_dir / (LATEST + ".prev")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-
-    model.save_pretrained(tmp)
-    tokenizer.save(tmp / "tokenizer")
-    tensors, optim_meta = flatten_optimizer_state(optimizer.state_dict())
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
-    rng = {f"rank{r}.{k}": t for r, states in enumerate(rng_states) for k, t in states.items()}
-    save_file(rng, str(tmp / "rng.safetensors"))
-    state = {"format_version": FORMAT_VERSION, **trainer_state, "optimizer": optim_meta}
-    (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
+    step = trainer_state.get("step")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        model.save_pretrained(tmp)
+        _crash_point("writing", step)
+        tokenizer.save(tmp / "tokenizer")
+        tensors, optim_meta = flatten_optimizer_state(optimizer.state_dict())
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        rng = {f"rank{r}.{k}": t for r, states in enumerate(rng_states) for k, t in states.items()}
+        save_file(rng, str(tmp / "rng.safetensors"))
+        state = {"format_version": FORMAT_VERSION, **trainer_state, "optimizer": optim_meta, "files": _sizes(tmp)}
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
+        _fsync_tree(tmp)
+    except (OSError, SafetensorError) as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = f"; the previous checkpoint {final} is kept" if final.exists() else ""
+        reason = getattr(err, "strerror", None) or err
+        raise CheckpointError(f"cannot write checkpoint {tmp} ({reason}){kept}; free space or fix the folder") from None
 
     if final.exists():
         shutil.rmtree(prev, ignore_errors=True)
         final.rename(prev)
+        _fsync_dir(run_dir)
+    _crash_point("swapping", step)
     tmp.rename(final)
+    _fsync_dir(run_dir)
+    _crash_point("swapped", step)
     shutil.rmtree(prev, ignore_errors=True)
     return final
 
 
-def find_resumable(run_dir: str | Path) -> Path:
-    """The whole checkpoint to resume RUN from, or a CheckpointError that says what is wrong."""
+def _crash_point(stage: str, step: int | None) -> None:
+    """The test hook described in the module docstring."""
+    if os.environ.get(CRASH_ENV) == f"{stage}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _sizes(folder: Path) -> dict[str, int]:
+    return {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush every file, then every folder (deepest first), so the data is on disk before the rename."""
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    for path in sorted((p for p in folder.rglob("*") if p.is_dir()), reverse=True):
+        _fsync_dir(path)
+    _fsync_dir(folder)
+
+
+def whole_checkpoint_problem(folder: Path) -> str | None:
+    """None when `folder` holds a whole training checkpoint, else what is wrong with it."""
+    if not (folder / STATE_FILE).is_file():
+        return f"{folder / STATE_FILE} is missing (the checkpoint was not finished)"
+    state = _read_json(folder / STATE_FILE)  # raises CheckpointError("... is corrupt") for a damaged file
+    files = state.get("files", {}) if isinstance(state, dict) else None
+    if not isinstance(files, dict):
+        return f"{folder / STATE_FILE} is corrupt (no file list)"
+    for name, size in files.items():
+        path = folder / name
+        if ".." in Path(name).parts or Path(name).is_absolute():
+            return f"{folder / STATE_FILE} is corrupt (it lists the file {name!r} outside the checkpoint)"
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != size:
+            return f"{path} is damaged ({path.stat().st_size} bytes, {size} when it was written)"
+    return None
+
+
+def find_resumable(run_dir: str | Path) -> Path | None:
+    """The newest whole checkpoint to resume RUN from; None for a run stopped before its first one.
+
+    Raises CheckpointError when there is nothing to resume, or only damaged checkpoints.
+    """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise CheckpointError(f"cannot resume: run folder {run_dir} does not exist; drop --resume to start it")
+    problems = []
     for name in (LATEST, LATEST + ".prev"):
-        if (run_dir / name / STATE_FILE).is_file():
-            return run_dir / name
-    raise CheckpointError(
-        f"cannot resume: {run_dir} holds no whole checkpoint ({run_dir / LATEST / STATE_FILE} is missing)"
-    )
+        folder = run_dir / name
+        if folder.is_dir():
+            try:
+                problem = whole_checkpoint_problem(folder)
+            except CheckpointError as err:
+                problem = str(err)
+            if problem is None:
+                return folder
+            problems.append(problem)
+    if problems:
+        raise CheckpointError(f"cannot resume: {'; '.join(problems)}, and there is no earlier whole checkpoint")
+    if (run_dir / RUN_CONFIG).is_file():
+        return None  # stopped before its first checkpoint: the run starts again from step 0
+    raise CheckpointError(f"cannot resume: {run_dir} holds no checkpoint ({run_dir / LATEST / STATE_FILE} is missing)")
+
+
+# The fields of trainer_state.json that resuming reads, with their types: a damaged or hand-edited
+# file is refused here with the field's name rather than failing somewhere inside the trainer.
+STATE_FIELDS = {
+    "step": int,
+    "tokens_seen": int,
+    "elapsed_s": (int, float),
+    "train_config": dict,
+    "sampler": dict,
+    "scaler": dict,
+    "optimizer": dict,
+    "data": dict,
+}
 
 
 def read_trainer_state(folder: Path) -> dict[str, Any]:
-    state = _read_json(folder / STATE_FILE)
+    path = folder / STATE_FILE
+    state = _read_json(path)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} is corrupt (expected a JSON object)")
     if state.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
-            f"{folder / STATE_FILE} has format_version {state.get('format_version')!r}; "
-            f"this version reads {FORMAT_VERSION}"
+            f"{path} has format_version {state.get('format_version')!r}; this version reads {FORMAT_VERSION}"
         )
+    for name, kind in STATE_FIELDS.items():
+        value = state.get(name)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise CheckpointError(f"{path} is corrupt: field {name!r} is {value!r}")
+    for name in ("step", "tokens_seen", "elapsed_s"):
+        if state[name] < 0:
+            raise CheckpointError(f"{path} is corrupt: field {name!r} is negative ({state[name]})")
+    if not isinstance(state["sampler"].get("step"), int) or state["sampler"]["step"] < 0:
+        raise CheckpointError(f"{path} is corrupt: sampler step is {state['sampler'].get('step')!r}")
     return state
 
 
@@ -188,7 +325,7 @@ def restore_optimizer(folder: Path, optimizer: torch.optim.Optimizer, state: dic
     tensors = _read_tensors(folder / "optimizer.safetensors")
     try:
         optimizer.load_state_dict(unflatten_optimizer_state(tensors, state["optimizer"]))
-    except (KeyError, ValueError, RuntimeError) as err:
+    except (KeyError, ValueError, RuntimeError, TypeError, AttributeError) as err:
         raise CheckpointError(f"optimizer state in {folder} does not fit the model: {err}") from None
 
 
@@ -208,6 +345,9 @@ def restore_rng(folder: Path, rank: int, device: torch.device) -> None:
             f"{folder / 'rng.safetensors'} has no generator state for process {rank}; "
             "resume with the number of processes the run was saved with"
         )
-    torch.set_rng_state(tensors[key])
-    if device.type == "cuda" and f"rank{rank}.torch_cuda" in tensors:
-        torch.cuda.set_rng_state(tensors[f"rank{rank}.torch_cuda"], device)
+    try:
+        torch.set_rng_state(tensors[key])
+        if device.type == "cuda" and f"rank{rank}.torch_cuda" in tensors:
+            torch.cuda.set_rng_state(tensors[f"rank{rank}.torch_cuda"], device)
+    except (RuntimeError, TypeError) as err:
+        raise CheckpointError(f"{folder / 'rng.safetensors'} holds no valid generator state ({err})") from None

@@ -68,13 +68,14 @@ class TrainConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = _field("float32", "autocast precision (CPU and CUDA)")
     compile: bool = _field(False, "torch.compile the model for training")
     device: str = _field("auto", "auto (a GPU when there is one), cpu, cuda or cuda:N")
+    max_bad_steps: int = _field(5, "stop after this many steps in a row with a NaN/inf loss or gradient")
 
     def __post_init__(self) -> None:
         if self.model not in MODEL_TYPES:
             raise ConfigError(f"model must be one of {', '.join(MODEL_TYPES)}, got {self.model!r}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        for name in ("max_steps", "batch_size", "lr", "eval_interval", "eval_batches", "log_interval"):
+        for name in ("max_steps", "batch_size", "lr", "eval_interval", "eval_batches", "log_interval", "max_bad_steps"):
             _positive(name, getattr(self, name))
         for name in ("grad_accum", "global_batch_size", "seq_len", "lr_decay_steps", "ckpt_interval"):
             _positive(name, getattr(self, name), allow_none=True)

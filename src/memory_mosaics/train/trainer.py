@@ -10,7 +10,10 @@ bad input leaves nothing behind. A run folder then holds:
     checkpoint/         the latest checkpoint (see checkpoint.py)
 
 Resuming restores weights, AdamW moments, generator states and the sampler's step, so a run stopped
-with `stop_at` and resumed lands on the same losses as one that never stopped (bitwise on CPU float32).
+with `stop_at` (or killed) and resumed lands on the same losses as one that never stopped (bitwise on
+CPU float32). A run killed before its first checkpoint starts again from step 0 on `--resume`.
+Steps with a NaN or infinite loss or gradient are skipped, logged, and stop the run when too many
+come in a row (see guards.py).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from memory_mosaics.errors import CheckpointError, ConfigError, MosaicError
 from memory_mosaics.train import checkpoint as ckpt
 from memory_mosaics.train import distributed as distrib
 from memory_mosaics.train.config import TrainConfig, build_dataclass
+from memory_mosaics.train.guards import FaultCounter, check_fits_in_memory, grad_norm_and_clip, log
 from memory_mosaics.train.optim import lr_at, make_optimizer, set_lr
 from memory_mosaics.train.sampler import WindowSampler, check_length, eval_batches
 
@@ -45,6 +49,7 @@ RESUMABLE_CHANGES = {
     "ckpt_interval",
     "compile",
     "device",
+    "max_bad_steps",
 }
 
 
@@ -143,8 +148,10 @@ def check_seq_len(seq_len: int, block_size: int) -> None:
         )
 
 
-def check_resume_settings(saved: TrainConfig, wanted: TrainConfig, model_settings: dict, model_config) -> None:
-    """A resumed run computes what the original run would have; refuse settings that would differ."""
+def check_resume_settings(saved: TrainConfig, wanted: TrainConfig, model_settings: dict, current: dict) -> None:
+    """A resumed run computes what the original run would have; refuse settings that would differ.
+
+    `current` is the model config the run was started with, as a dict."""
     saved_d, wanted_d = saved.to_dict(), wanted.to_dict()
     for key, value in wanted_d.items():
         if key not in RESUMABLE_CHANGES and saved_d[key] != value:
@@ -152,7 +159,6 @@ def check_resume_settings(saved: TrainConfig, wanted: TrainConfig, model_setting
                 f"--resume: {key} is {value!r} but the run was started with {saved_d[key]!r}; "
                 "resume with the original settings or start a new run with another --out"
             )
-    current = model_config.to_dict()
     for key, value in model_settings.items():
         if key in current and current[key] != value:
             raise ConfigError(
@@ -186,10 +192,14 @@ class Trainer:
         self.data = PreparedData.open(data_dir)
         self.data_dir = str(data_dir)
         self.train_tokens, self.val_tokens = self.data.split("train"), self.data.split("val")
+        self.resuming = resume
         self.resume_from = self._prepare_resume() if resume else None
         if self.resume_from is None:
-            check_new_run_dir(self.out)
+            if not resume:
+                check_new_run_dir(self.out)
             self.model_config = build_model_config(config.model, self.model_settings, self.data.vocab_size)
+            if resume:  # killed before its first checkpoint: start again, with the same settings
+                self._check_restart_settings()
         self.seq_len = config.seq_len or self.model_config.block_size
         check_seq_len(self.seq_len, self.model_config.block_size)
         check_length(self.train_tokens, self.seq_len, f"the training split of {data_dir}")
@@ -202,8 +212,10 @@ class Trainer:
         distrib.barrier(self.ctx)
         self._build()
 
-    def _prepare_resume(self) -> Path:
+    def _prepare_resume(self) -> Path | None:
         folder = ckpt.find_resumable(self.out)
+        if folder is None:
+            return None
         state = ckpt.read_trainer_state(folder)
         try:
             saved = TrainConfig.from_dict(state["train_config"])
@@ -211,7 +223,7 @@ class Trainer:
             raise CheckpointError(f"{folder / ckpt.STATE_FILE} has no valid train_config ({err})") from None
         self.resumed_model = ckpt.load_model(folder)
         self.model_config = self.resumed_model.config
-        check_resume_settings(saved, self.config, self.model_settings, self.model_config)
+        check_resume_settings(saved, self.config, self.model_settings, self.model_config.to_dict())
         saved_fp = state.get("data", {}).get("tokenizer_fingerprint")
         if saved_fp != self.data.tokenizer.fingerprint():
             raise MosaicError(
@@ -222,6 +234,20 @@ class Trainer:
         self.saved_state = state
         return folder
 
+    def _check_restart_settings(self) -> None:
+        path = self.out / ckpt.RUN_CONFIG
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+            train_config = TrainConfig.from_dict(saved["train_config"])
+            model_config = dict(saved["model_config"])
+        except (OSError, ValueError, KeyError, TypeError, ConfigError) as err:
+            raise CheckpointError(
+                f"cannot resume: {path} is corrupt ({err}); start a new run with another --out"
+            ) from None
+        check_resume_settings(train_config, self.config, self.model_settings, model_config)
+        if self.model_config.to_dict() != model_config:
+            raise ConfigError(f"--resume: the model settings differ from those in {path}; pass the original ones")
+
     def _build(self) -> None:
         cfg = self.config
         torch.manual_seed(cfg.seed)  # same initial weights on every process
@@ -229,7 +255,9 @@ class Trainer:
         if self.resume_from is not None:
             self.model = self.resumed_model.to(self.device)
         else:
+            check_fits_in_memory(model_cls, self.model_config, self.device)
             self.model = model_cls(self.model_config).to(self.device)
+        self.faults = FaultCounter(cfg.max_bad_steps)
         self.optimizer = make_optimizer(self.model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.dtype == "float16")
         self.sampler = WindowSampler(
@@ -255,15 +283,15 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
         self.elapsed = float(state.get("elapsed_s", 0.0))
+        self.faults.load_state_dict(state)
         if self.stop_at is not None and self.stop_at <= self.step:
             raise ConfigError(f"--stop-at {self.stop_at} is not after the checkpoint's step {self.step}")
 
     # -- one optimizer step ---------------------------------------------------------------------------
 
-    def train_step(
-        self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Accumulate gradients over fresh micro-batches, clip, and step; returns (mean loss, grad norm)."""
+    def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float, str | None]:
+        """Accumulate gradients over fresh micro-batches, clip, and step; returns (mean loss over the
+        processes, grad norm, fault). A faulty step (see guards.py) leaves weights and AdamW as they were."""
         cfg = self.config
         set_lr(self.optimizer, lr_at(self.step, cfg.lr, cfg.final_lr, cfg.warmup_steps, cfg.decay_steps))
         total = torch.zeros((), device=self.device)
@@ -276,14 +304,17 @@ class Trainer:
                     _, loss = self.train_model(x, y)
                 self.scaler.scale(loss / len(micro_batches)).backward()
             total += loss.detach().float()
-        grad_norm = None
-        if cfg.grad_clip > 0:
-            self.scaler.unscale_(self.optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-        self.scaler.step(self.optimizer)
+        self.scaler.unscale_(self.optimizer)  # a no-op without float16
+        grad_norm = grad_norm_and_clip(list(self.model.parameters()), cfg.grad_clip)
+        # One host sync per step (the .tolist()): every process must take the same decision.
+        local = torch.stack([total / len(micro_batches), grad_norm.to(total)]).tolist()
+        loss_value, norm = (v / self.ctx.world_size for v in distrib.all_reduce_sum(self.ctx, local, self.device))
+        fault = self.faults.describe(loss_value, norm, grads_checked=not self.scaler.is_enabled())
+        if fault is None:
+            self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return total / len(micro_batches), grad_norm
+        return loss_value, norm, fault
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -313,6 +344,7 @@ class Trainer:
             "train_config": self.config.to_dict(),
             "sampler": self.sampler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
+            **self.faults.state_dict(),
             "world_size": self.ctx.world_size,
             "data": {
                 "path": self.data_dir,
@@ -333,7 +365,7 @@ class Trainer:
     def _open_metrics(self):
         """metrics.jsonl for appending; on resume, rows after the checkpoint's step are dropped first."""
         path = self.out / "metrics.jsonl"
-        if self.resume_from is not None and path.exists():
+        if self.resuming and path.exists():
             kept = [line for line in path.read_text(encoding="utf-8").splitlines() if _row_step(line) is not None]
             kept = [line for line in kept if _row_step(line) <= self.step]
             tmp = path.with_name(path.name + ".tmp")
@@ -371,21 +403,12 @@ class Trainer:
         bar = self._progress_bar(end)
         try:
             while self.step < end:
-                started = time.perf_counter()
-                loss, grad_norm = self.train_step(self.sampler.next_step())
-                self.step += 1
-                self.tokens_seen += self.sampler.global_rows * self.seq_len
-                loss_value = self._reduce_loss(loss) if self._is_due(cfg.log_interval, end) else None
-                self._count_time(time.perf_counter() - started)
-                if loss_value is not None:
-                    self._log_train(loss_value, grad_norm, bar)
-                bar.update(1)
-                if self._is_due(cfg.eval_interval, cfg.max_steps) or self.step == end:
-                    self._log_val(self.evaluate())
-                if self._is_due(cfg.ckpt_interval or cfg.eval_interval, end):
-                    self.save()
-                    if self.ctx.is_main:
-                        self._plot()
+                self._one_step(end, bar)
+        except OSError as err:  # a full disk or a folder made read-only while training
+            raise MosaicError(
+                f"cannot write to the run folder {self.out} at step {self.step} ({err.strerror or err}); "
+                f"{self._last_checkpoint()}; free space and resume with --resume"
+            ) from None
         finally:
             bar.close()
             if self.metrics is not None:
@@ -394,12 +417,37 @@ class Trainer:
         self.result.tokens_per_s = self._rate() or None
         return self.result
 
-    def _reduce_loss(self, loss: torch.Tensor) -> float:
-        """The step's loss averaged over processes; a non-finite loss stops the run with a hint."""
-        value = distrib.all_reduce_sum(self.ctx, [loss.item()], self.device)[0] / self.ctx.world_size
-        if not math.isfinite(value):
-            raise MosaicError(f"training loss became {value} at step {self.step}; lower --lr or use --dtype float32")
-        return value
+    def _one_step(self, end: int, bar) -> None:
+        cfg = self.config
+        started = time.perf_counter()
+        loss, grad_norm, fault = self.train_step(self.sampler.next_step())
+        self.step += 1
+        self.tokens_seen += self.sampler.global_rows * self.seq_len
+        self._count_time(time.perf_counter() - started)
+        self.faults.record(fault)
+        if fault is not None:
+            self._log_fault(fault)
+            if self.faults.must_stop:
+                raise self.faults.stop_error(self.step, fault, self._last_checkpoint())
+        elif self._is_due(cfg.log_interval, end):
+            self._log_train(loss, grad_norm, bar)
+        bar.update(1)
+        if self._is_due(cfg.eval_interval, cfg.max_steps) or self.step == end:
+            self._log_val(self.evaluate())
+        if self._is_due(cfg.ckpt_interval or cfg.eval_interval, end):
+            self.save()  # faulty steps changed no weight: these are the last good ones
+            if self.ctx.is_main:
+                self._plot()
+
+    def _last_checkpoint(self) -> str:
+        try:
+            folder = ckpt.find_resumable(self.out)
+        except CheckpointError:
+            folder = None
+        if folder is None:
+            return "no checkpoint was written yet"
+        step = ckpt.read_trainer_state(folder)["step"]
+        return f"the last checkpoint {folder} (step {step}) is intact"
 
     def _count_time(self, seconds: float) -> None:
         self.session_time += seconds
@@ -409,13 +457,21 @@ class Trainer:
     def _rate(self) -> float:
         return self.session_tokens / self.session_time if self.session_time > 0 else 0.0
 
-    def _log_train(self, loss: float, grad_norm: torch.Tensor | None, bar) -> None:
+    def _log_fault(self, fault: str) -> None:
+        counts = self.faults.state_dict()
+        self._emit({"kind": "fault", "step": self.step, "fault": fault, **counts})
+        log.warning(
+            "step %d skipped: %s (%d in a row, %d in all; the run stops at %d in a row)",
+            self.step, fault, counts["bad_steps_in_a_row"], counts["bad_steps"], self.faults.max_bad_steps,
+        )  # fmt: skip
+
+    def _log_train(self, loss: float, grad_norm: float, bar) -> None:
         row = {
             "kind": "train",
             "step": self.step,
             "loss": loss,
             "lr": self.optimizer.param_groups[0]["lr"],
-            "grad_norm": None if grad_norm is None else float(grad_norm),
+            "grad_norm": grad_norm,
             "tokens": self.tokens_seen,
             "tokens_per_s": self._rate(),
             "elapsed_s": self.elapsed,
@@ -448,17 +504,12 @@ class Trainer:
         plot_training_curves(self.out / "metrics.jsonl", self.out / "loss.png")
 
 
-def train(
-    data_dir: str | Path,
-    out: str | Path,
-    config: TrainConfig,
-    model_settings: dict[str, Any] | None = None,
-    resume: bool = False,
-    stop_at: int | None = None,
-    progress: bool = True,
-) -> TrainResult:
-    """Train a model on prepared data (see `mosaic prepare`) into the run folder `out`."""
-    trainer = Trainer(data_dir, out, config, model_settings, resume=resume, stop_at=stop_at, progress=progress)
+def train(data_dir: str | Path, out: str | Path, config: TrainConfig, model_settings=None, **options) -> TrainResult:
+    """Train a model on prepared data (see `mosaic prepare`) into the run folder `out`.
+
+    `options` are Trainer's: resume (continue `out`), stop_at (save and stop after that step) and
+    progress (show a progress bar)."""
+    trainer = Trainer(data_dir, out, config, model_settings, **options)
     try:
         return trainer.run()
     finally:
