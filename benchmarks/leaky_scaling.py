@@ -4,6 +4,8 @@ Forward + backward (gradients for x and the decays) of `leaky_average` at batch 
 dims, T = 256 ... 65,536, median of several runs; the dense T x T reference beside it while it fits.
 
     python benchmarks/leaky_scaling.py     # writes benchmarks/results/leaky_scaling.{json,png}
+    python benchmarks/leaky_scaling.py --device cuda --json F --png F   # on a GPU (Triton kernel if
+                                                                        # installed; MOSAIC_TRITON=0: torch scan)
 """
 
 from __future__ import annotations
@@ -17,18 +19,24 @@ from pathlib import Path
 
 import torch
 
+from memory_mosaics.bench.throughput import leaky_scan_in_use
 from memory_mosaics.ops import leaky_average, leaky_average_reference
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def seconds(fn, x: torch.Tensor, beta: torch.Tensor, repeats: int) -> float:
+    cuda = x.is_cuda
     times = []
     for _ in range(repeats + 1):  # the first run warms up and is dropped
         xs, bs = x.detach().requires_grad_(), beta.detach().requires_grad_()
+        if cuda:
+            torch.cuda.synchronize()
         start = time.perf_counter()
         y = fn(xs, bs)
         y.backward(torch.ones_like(y))
+        if cuda:
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times[1:])
 
@@ -39,16 +47,17 @@ def main() -> int:
     parser.add_argument("--dense-max-length", type=int, default=4096, help="longest T for the dense reference")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", default=str(RESULTS / "leaky_scaling.json"))
     parser.add_argument("--png", default=str(RESULTS / "leaky_scaling.png"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     heads, dim = 4, 64
-    beta = torch.linspace(0.5, 5.0, heads)
+    beta = torch.linspace(0.5, 5.0, heads, device=args.device)
     rows = []
     length = 256
     while length <= args.max_length:
-        x = torch.randn(1, heads, length, dim)
+        x = torch.randn(1, heads, length, dim, device=args.device)
         row = {"seq_len": length, "chunked_seconds": seconds(leaky_average, x, beta, args.repeats)}
         if length <= args.dense_max_length:
             row["dense_seconds"] = seconds(leaky_average_reference, x, beta, args.repeats)
@@ -59,7 +68,15 @@ def main() -> int:
     first, last = rows[0], rows[-1]
     growth = (last["chunked_seconds"] / first["chunked_seconds"]) / (last["seq_len"] / first["seq_len"])
     result = {
-        "settings": {"batch": 1, "heads": heads, "dim": dim, "dtype": "float32", "threads": args.threads},
+        "settings": {
+            "batch": 1,
+            "heads": heads,
+            "dim": dim,
+            "dtype": "float32",
+            "threads": args.threads,
+            "device": args.device,
+            "scan": leaky_scan_in_use(args.device),
+        },
         "rows": rows,
         "time_growth_over_length_growth": growth,
     }

@@ -112,12 +112,23 @@ def matmul_peak(dtype: str, device: str, size: int = 2048, repeats: int = 5) -> 
     b = torch.randn(size, size, device=device).to(torch_dtype)
     best = float("inf")
     for _ in range(repeats):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
         start = time.perf_counter()
         a @ b
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - start)
     return 2 * size**3 / best
+
+
+def leaky_scan_in_use(device: str) -> str:
+    """Which scan `leaky_average` runs on this device: "triton" or "torch"."""
+    if not device.startswith("cuda"):
+        return "torch"
+    from memory_mosaics.ops import leaky_average_triton
+
+    return "triton" if leaky_average_triton.enabled_for(torch.empty(0, device=device)) else "torch"
 
 
 def measure_cell(settings: ThroughputSettings, length: int, dtype: str) -> list[dict]:
@@ -167,7 +178,10 @@ def run_throughput(settings: ThroughputSettings, progress: Callable[[str], None]
     if settings.threads:
         torch.set_num_threads(settings.threads)
     say = progress or (lambda line: None)
-    peaks = {dtype: [matmul_peak(dtype, settings.device, settings.peak_matrix_size)] for dtype in settings.dtypes}
+    cuda = settings.device.startswith("cuda")
+    # A GPU multiplies 2048^2 matrices in microseconds, where launching the kernel would count.
+    peak_size = max(settings.peak_matrix_size, 8192) if cuda else settings.peak_matrix_size
+    peaks = {dtype: [matmul_peak(dtype, settings.device, peak_size)] for dtype in settings.dtypes}
     say("matmul peak: " + ", ".join(f"{d} {p[0] / 1e9:.0f} GFLOP/s" for d, p in peaks.items()))
     rows, cells = [], []
     for length in settings.lengths:
@@ -189,7 +203,7 @@ def run_throughput(settings: ThroughputSettings, progress: Callable[[str], None]
             )
             say(", ".join(f"{r['model']} {r['tokens_per_second']:.0f} tok/s" for r in cell) + f" (T={length}, {dtype})")
     for dtype in settings.dtypes:  # the peak again, after the cells: the better of the two counts
-        peaks[dtype].append(matmul_peak(dtype, settings.device, settings.peak_matrix_size))
+        peaks[dtype].append(matmul_peak(dtype, settings.device, peak_size))
     peak = {dtype: max(values) for dtype, values in peaks.items()}
     for row in rows:
         row["mfu"] = row["flops_per_token"] * row["tokens_per_second"] / peak[row["dtype"]]
@@ -200,6 +214,8 @@ def run_throughput(settings: ThroughputSettings, progress: Callable[[str], None]
             "processor": platform.processor(),
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
+            "device_name": torch.cuda.get_device_name() if cuda else None,
+            "leaky_average_scan": leaky_scan_in_use(settings.device),
             "matmul_peak_flops": peak,
             "matmul_peak_measurements": peaks,
         },

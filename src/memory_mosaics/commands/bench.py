@@ -35,6 +35,7 @@ def register(subparsers) -> None:
     parser.add_argument("--models", help="comma-separated subset of mosaic,gpt,nanogpt (default all)")
     parser.add_argument("--rounds", type=int, help="interleaved rounds per cell (default 5)")
     parser.add_argument("--steps-per-round", type=int, help="steps timed per model and round (default 1)")
+    parser.add_argument("--warmup-steps", type=int, help="untimed steps per model before a cell (default 1)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
@@ -73,7 +74,7 @@ def settings_from_args(args: argparse.Namespace):
         unknown = set(settings.models) - set(MODELS)
         if unknown:
             raise ConfigError(f"--models: unknown {', '.join(sorted(unknown))}; known: {', '.join(MODELS)}")
-    for name in ("rounds", "steps_per_round", "threads"):
+    for name in ("rounds", "steps_per_round", "warmup_steps", "threads"):
         value = getattr(args, name)
         if value is not None:
             if value < 1:

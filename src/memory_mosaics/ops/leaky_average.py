@@ -15,7 +15,8 @@ Three forms, which must agree:
   computed by the same function, so the cost is O(T * chunk_size) and no T x T tensor is ever built.
   Its backward pass is written by hand (`LeakyAverage`): the gradient with respect to x is the same
   scan run backwards in time, and the gradient with respect to beta is one dot product (see there),
-  so autograd never records the chunking's dozen small operations.
+  so autograd never records the chunking's dozen small operations. On CUDA tensors both scans run
+  as a Triton kernel when Triton is installed (`leaky_average_triton`).
 - `leaky_average_step`: one step of the recurrence, for generation.
 
 Shapes: `x` is (..., H, T, D) and `beta` is (H,), non-negative. An optional `initial` state of shape
@@ -113,6 +114,18 @@ def _scan(x: Tensor, beta: Tensor, chunk_size: int, reverse: bool = False, initi
     return y.movedim(0, -3)[..., :length, :]
 
 
+def _scan_on_device(
+    x: Tensor, beta: Tensor, chunk_size: int, reverse: bool = False, initial: Tensor | None = None
+) -> Tensor:
+    """`_scan`, or on CUDA tensors the Triton kernel when Triton is installed (leaky_average_triton)."""
+    if x.is_cuda:
+        from memory_mosaics.ops import leaky_average_triton  # deferred: importing Triton takes a while
+
+        if leaky_average_triton.enabled_for(x):
+            return leaky_average_triton.scan(x, beta, reverse=reverse, initial=initial)
+    return _scan(x, beta, chunk_size, reverse=reverse, initial=initial)
+
+
 class LeakyAverage(torch.autograd.Function):
     """The chunked scan with a hand-written backward pass.
 
@@ -126,7 +139,7 @@ class LeakyAverage(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, beta: Tensor, initial: Tensor | None, chunk_size: int) -> Tensor:
         beta = beta.detach()
-        y = _scan(x.detach(), beta, chunk_size, initial=None if initial is None else initial.detach())
+        y = _scan_on_device(x.detach(), beta, chunk_size, initial=None if initial is None else initial.detach())
         ctx.save_for_backward(y, beta, initial)
         ctx.chunk_size = chunk_size
         return y
@@ -134,7 +147,7 @@ class LeakyAverage(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         y, beta, initial = ctx.saved_tensors
-        grad_x = _scan(grad, beta, ctx.chunk_size, reverse=True)
+        grad_x = _scan_on_device(grad, beta, ctx.chunk_size, reverse=True)
         grad_beta = grad_initial = None
         if ctx.needs_input_grad[1]:
             # (Reductions of bf16 tensors accumulate in float32; only the result is rounded.)
