@@ -15,7 +15,7 @@ from memory_mosaics import __version__
 from memory_mosaics.errors import MosaicError
 
 # Module names under memory_mosaics.commands, in the order `mosaic --help` lists them.
-SUBCOMMANDS = ["demo", "prepare", "train", "eval", "sample", "inspect", "moons", "regbench", "bench"]
+SUBCOMMANDS = ["demo", "prepare", "train", "eval", "sample", "inspect", "moons", "regbench", "bench", "reproduce"]
 
 
 def build_parser() -> argparse.ArgumentParser:
