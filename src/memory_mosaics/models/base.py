@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import typing
 from pathlib import Path
@@ -147,20 +148,26 @@ class PretrainedModel(nn.Module):
             config = cls.config_class.from_dict(config_values)
         except (ConfigError, TypeError) as err:
             raise CheckpointError(f"{config_path}: invalid config: {err}") from err
-        # Check the config against the weights file's header before allocating anything, so a
-        # config.json with absurd sizes fails at once instead of exhausting memory: build the
-        # model on the meta device (shapes only), then compare with the header's shapes.
+        # A config.json with absurd sizes must fail here, not exhaust memory: its sizes are checked
+        # against the weights file's header (names and shapes, nothing loaded) before the model is built.
         shapes = read_weight_shapes(folder)
-        n_layer = getattr(config, "n_layer", 0)
+        in_file = sum(math.prod(shape) for shape in shapes.values())
+        weights = Path(folder) / WEIGHTS_FILE
+        n_layer, at_least = getattr(config, "n_layer", 0), min_param_count(config)
         if n_layer > len(shapes):
             raise CheckpointError(
-                f"{config_path}: n_layer is {n_layer} but {Path(folder) / WEIGHTS_FILE} holds only "
-                f"{len(shapes)} tensors; the config and the weights do not belong together"
+                f"{config_path}: n_layer is {n_layer} but {weights} holds only {len(shapes)} tensors; "
+                "the config and the weights do not belong together"
             )
-        with torch.device("meta"):
-            skeleton = cls(config)
-        check_weight_shapes(folder, skeleton, shapes)
-        model = cls(config)
+        if at_least > in_file:
+            raise CheckpointError(
+                f"{config_path}: its sizes need at least {at_least:,} parameters but {weights} holds "
+                f"{in_file:,} numbers; the config and the weights do not belong together"
+            )
+        try:
+            model = cls(config)
+        except (RuntimeError, MemoryError) as err:
+            raise CheckpointError(f"{config_path}: cannot build the model it describes ({err})") from None
         # Tied parameters are absent from the file (checked above); loading their source fills them too.
         model.load_state_dict(read_weights(folder, model, map_location), strict=False)
         return model
@@ -184,6 +191,14 @@ def read_config(folder: str | os.PathLike[str]) -> tuple[str, dict[str, Any]]:
     if model_type not in MODEL_TYPES:
         raise CheckpointError(f"{path}: unknown model_type {model_type!r}; known: {', '.join(sorted(MODEL_TYPES))}")
     return model_type, values
+
+
+def min_param_count(config: ModelConfig) -> int:
+    """A cheap lower bound on the parameters of a model with this config, from the contract's field
+    names: a vocab_size x n_embd embedding and an n_embd x n_embd matrix in each of n_layer blocks.
+    Used to refuse absurd sizes before anything is allocated."""
+    vocab, width, layers = (getattr(config, name, 0) for name in ("vocab_size", "n_embd", "n_layer"))
+    return vocab * width + layers * width * width
 
 
 def read_weight_shapes(folder: str | os.PathLike[str]) -> dict[str, tuple[int, ...]]:

@@ -212,6 +212,20 @@ def save_checkpoint(
     return final
 
 
+def settle_after_crash(run_dir: Path, resumed_from: Path) -> Path:
+    """Before a resumed run writes anything: make the whole checkpoint it resumed from RUN/checkpoint
+    again (dropping a damaged newer one) and remove what a crash left (checkpoint.tmp, .prev), so
+    that the next save starts from the usual state. Every step keeps one whole checkpoint."""
+    final = run_dir / LATEST
+    if resumed_from != final:
+        shutil.rmtree(final, ignore_errors=True)
+        resumed_from.rename(final)
+        _fsync_dir(run_dir)
+    for name in (LATEST + ".tmp", LATEST + ".prev"):
+        shutil.rmtree(run_dir / name, ignore_errors=True)
+    return final
+
+
 def _crash_point(stage: str, step: int | None) -> None:
     """The test hook described in the module docstring."""
     if os.environ.get(CRASH_ENV) == f"{stage}:{step}":

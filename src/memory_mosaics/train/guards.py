@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from memory_mosaics.errors import ConfigError, NumericalFaultError
+from memory_mosaics.models.base import min_param_count
 
 log = logging.getLogger("memory_mosaics.train")
 
@@ -102,18 +103,17 @@ def available_memory(device: torch.device) -> int | None:
         return None
 
 
-def check_fits_in_memory(model_cls: type, model_config, device: torch.device) -> None:
-    """Refuse a model whose weights, gradients and AdamW state alone exceed the device's memory.
+def check_fits_in_memory(model_config, device: torch.device) -> None:
+    """Refuse a model whose weights, gradients and AdamW state alone surely exceed the device's memory.
 
-    The model is built on the meta device (shapes only, nothing allocated), so a typo such as
-    `--n-embd 1000000` fails here with a clear message instead of exhausting the machine.
+    Uses a lower bound on the parameter count computed from the config (nothing is built), so a typo
+    such as `--n-embd 1000000` fails at once with a clear message instead of exhausting the machine.
     """
-    with torch.device("meta"):
-        skeleton = model_cls(model_config)
-    params = sum(p.numel() for p in skeleton.parameters())
+    params = min_param_count(model_config)
     needed, have = params * TRAINING_BYTES_PER_PARAM, available_memory(device)
     if have is not None and needed > have:
         raise ConfigError(
-            f"the model has {params:,} parameters: training it needs at least {needed / 2**30:,.1f} GiB "
-            f"but {device.type} has {have / 2**30:,.1f} GiB; use a smaller --n-embd, --n-layer or --vocab-size"
+            f"the model has at least {params:,} parameters: training it needs more than "
+            f"{needed / 2**30:,.1f} GiB but {device.type} has {have / 2**30:,.1f} GiB; "
+            "use a smaller --n-embd, --n-layer or --vocab-size"
         )

@@ -5,7 +5,7 @@ bad input leaves nothing behind. A run folder then holds:
 
     metrics.jsonl       one JSON object per logged step: {"kind": "train", "step", "loss", "lr", ...}
                         and one per evaluation: {"kind": "val", "step", "val_loss", "val_perplexity"}
-    loss.png            training and validation loss against step
+    loss.png            training and validation loss against step, redrawn at each evaluation
     run_config.json     the resolved training and model configs, and the data folder
     checkpoint/         the latest checkpoint (see checkpoint.py)
 
@@ -255,7 +255,7 @@ class Trainer:
         if self.resume_from is not None:
             self.model = self.resumed_model.to(self.device)
         else:
-            check_fits_in_memory(model_cls, self.model_config, self.device)
+            check_fits_in_memory(self.model_config, self.device)
             self.model = model_cls(self.model_config).to(self.device)
         self.faults = FaultCounter(cfg.max_bad_steps)
         self.optimizer = make_optimizer(self.model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
@@ -396,6 +396,8 @@ class Trainer:
         if self.ctx.is_main and self.resume_from is None:
             make_run_dir(self.out)
             self._write_run_config()
+        elif self.ctx.is_main:
+            self.resume_from = ckpt.settle_after_crash(self.out, self.resume_from)
         distrib.barrier(self.ctx)
         self.metrics = self._open_metrics() if self.ctx.is_main else None
         self.result = TrainResult(self.out, self.step, finished=self.step >= cfg.max_steps)
@@ -432,12 +434,13 @@ class Trainer:
         elif self._is_due(cfg.log_interval, end):
             self._log_train(loss, grad_norm, bar)
         bar.update(1)
-        if self._is_due(cfg.eval_interval, cfg.max_steps) or self.step == end:
+        evaluated = self._is_due(cfg.eval_interval, cfg.max_steps) or self.step == end
+        if evaluated:
             self._log_val(self.evaluate())
         if self._is_due(cfg.ckpt_interval or cfg.eval_interval, end):
             self.save()  # faulty steps changed no weight: these are the last good ones
-            if self.ctx.is_main:
-                self._plot()
+        if evaluated and self.ctx.is_main:
+            self._plot()  # with each validation point (a plot takes longer than a tiny model's step)
 
     def _last_checkpoint(self) -> str:
         try:
