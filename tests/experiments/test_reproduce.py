@@ -48,6 +48,11 @@ def test_quick_reproduce_writes_a_complete_finite_report(tmp_path, capsys):
          "results_training_curves.png", "results_prompt_suite.png"]
     )  # fmt: skip
     assert "depth 2: Memory Mosaic" in capsys.readouterr().out
+    # --report-only rewrites the outputs from the finished jobs without training anything.
+    (docs / "results.json").unlink()
+    assert main([*args[:-2], "--figures", "", "--report-only"]) == 0
+    again = json.loads((docs / "results.json").read_text())
+    assert again["depths"] == summary["depths"] and "done " not in capsys.readouterr().out
 
 
 def test_jobs_run_seed_by_seed_deepest_first():

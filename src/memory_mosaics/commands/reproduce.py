@@ -62,6 +62,9 @@ def register(subparsers) -> None:
     parser.add_argument("--threads", type=int, help="torch threads per worker (default 1)")
     parser.add_argument("--eval-dtype", choices=["float32", "bfloat16"], help="evaluation autocast (default bfloat16)")
     parser.add_argument("--quick", action="store_true", help="toy sizes for a smoke test (seconds)")
+    parser.add_argument(
+        "--report-only", action="store_true", help="train nothing: rewrite the outputs from the jobs finished in --out"
+    )
     parser.add_argument("--json", default="docs/results.json", help="summary JSON to write")
     parser.add_argument("--markdown", default="docs/results.md", help="report to write ('' for none)")
     parser.add_argument("--figures", default="docs/figures", help="folder for the PNG figures ('' for none)")
@@ -106,7 +109,13 @@ def run(args: argparse.Namespace) -> int:
 
     from memory_mosaics.commands._common import write_json
     from memory_mosaics.data import PreparedData
-    from memory_mosaics.experiments.lm_depths import claim_work_folder, ood_token_stream, prepare_data, run_experiment
+    from memory_mosaics.experiments.lm_depths import (
+        claim_work_folder,
+        finished_rows,
+        ood_token_stream,
+        prepare_data,
+        run_experiment,
+    )
     from memory_mosaics.experiments.report import FIGURES, plot_all, write_markdown
     from memory_mosaics.experiments.summary import summarize
 
@@ -159,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
             write_markdown(summary, args.markdown, rel, names or (FIGURES if args.figures else {}))
         return summary
 
-    rows = run_experiment(config, on_done=report)
+    rows = finished_rows(config) if args.report_only else run_experiment(config, on_done=report)
     summary = write_outputs(rows, figures=True)
     for depth, entry in summary["depths"].items():
         print(f"depth {depth}: Memory Mosaic {entry['mosaic_val_loss']:.4f}, GPT {entry['gpt_val_loss']:.4f} "

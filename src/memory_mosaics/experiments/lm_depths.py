@@ -229,6 +229,11 @@ def run_job(config: ReproduceConfig, job: Job, data_dir: Path, ood_tokens) -> di
     return row
 
 
+def finished_rows(config: ReproduceConfig) -> list[dict]:
+    """The results of the jobs already done in the work folder."""
+    return [_read_row(path) for path in sorted((Path(config.out) / "results").glob("*.json"))]
+
+
 def _read_row(path: Path) -> dict:
     row = json.loads(path.read_text(encoding="utf-8"))
     row.setdefault("finished_at", path.stat().st_mtime)
@@ -299,8 +304,7 @@ def run_experiment(config: ReproduceConfig, on_done: Callable[[dict, list[dict]]
     claim_work_folder(config)
     data_dir = prepare_data(config)
     ood_tokens, _ = ood_token_stream(config, data_dir)
-    results_dir = Path(config.out) / "results"
-    rows = [_read_row(path) for path in sorted(results_dir.glob("*.json"))]
+    rows = finished_rows(config)
     done = {row["job"] for row in rows}
     todo = [job for job in plan_jobs(config) if job.name not in done]
 

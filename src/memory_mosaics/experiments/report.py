@@ -120,7 +120,7 @@ def plot_all(summary: dict, folder: str | Path) -> dict[str, str]:
         ax.set_title(f"depth {d}", fontsize=10)
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("validation loss (20 windows)")
+    axes[0][0].set_ylabel("validation loss (sampled windows)")
     axes[0][0].legend()
     _save(fig, folder / FIGURES["curves"])
     # Prompt-suite accuracy per category.
