@@ -115,6 +115,10 @@ def prepare_dataset(
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         _move_into_place(staging, out)
+    except OSError as err:  # a full disk, or a folder that became unwritable
+        shutil.rmtree(staging, ignore_errors=True)
+        where = f" ({err.filename})" if err.filename else ""
+        raise DataError(f"cannot prepare --out {out}: {err.strerror or err}{where}; nothing was written") from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -281,6 +285,7 @@ def _read_manifest(path: Path) -> dict:
     try:
         tok = manifest["tokenizer"]
         assert all(isinstance(tok[k], str) for k in ("name", "fingerprint", "folder"))
+        assert Path(tok["folder"]).name == tok["folder"] not in ("", ".", "..")  # inside the data folder
         assert all(isinstance(tok[k], int) for k in ("vocab_size", "eot_id"))
         for split in SPLITS:
             for shard in manifest["splits"][split]["shards"]:

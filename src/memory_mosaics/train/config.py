@@ -296,7 +296,7 @@ def _parse_yaml(text: str, source: str) -> dict[str, Any]:
     try:
         values = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise ConfigError(f"{source}: not valid YAML ({err})") from None
+        raise ConfigError(f"{source}: not valid YAML ({' '.join(str(err).split())})") from None
     if values is None:
         return {}
     if not isinstance(values, dict):
@@ -321,6 +321,8 @@ def load_yaml_file(path: str | Path) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except OSError as err:
         raise ConfigError(f"cannot read config file {path}: {err.strerror or err}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {path} is not UTF-8 text ({err.reason}); pass a YAML file") from None
     return _parse_yaml(text, str(path))
 
 
