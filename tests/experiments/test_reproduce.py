@@ -50,9 +50,10 @@ def test_quick_reproduce_writes_a_complete_finite_report(tmp_path, capsys):
     assert "depth 2: Memory Mosaic" in capsys.readouterr().out
     # --report-only rewrites the outputs from the finished jobs without training anything.
     (docs / "results.json").unlink()
-    assert main([*args[:-2], "--figures", "", "--report-only"]) == 0
+    assert main([*args[:-2], "--figures", "", "--report-only", "--rescore-prompts"]) == 0
     again = json.loads((docs / "results.json").read_text())
     assert again["depths"] == summary["depths"] and "done " not in capsys.readouterr().out
+    assert again["prompt_suite"] == summary["prompt_suite"]  # same models, same suite: same scores
 
 
 def test_jobs_run_seed_by_seed_deepest_first():

@@ -65,6 +65,10 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--report-only", action="store_true", help="train nothing: rewrite the outputs from the jobs finished in --out"
     )
+    parser.add_argument(
+        "--rescore-prompts", action="store_true", help="with --report-only: score the prompt suite again with the "
+        "saved models (after the suite was edited)"
+    )  # fmt: skip
     parser.add_argument("--json", default="docs/results.json", help="summary JSON to write")
     parser.add_argument("--markdown", default="docs/results.md", help="report to write ('' for none)")
     parser.add_argument("--figures", default="docs/figures", help="folder for the PNG figures ('' for none)")
@@ -114,12 +118,15 @@ def run(args: argparse.Namespace) -> int:
         finished_rows,
         ood_token_stream,
         prepare_data,
+        rescore_prompts,
         run_experiment,
     )
     from memory_mosaics.experiments.report import FIGURES, plot_all, write_markdown
     from memory_mosaics.experiments.summary import summarize
 
     _check_outputs(args)
+    if args.rescore_prompts and not args.report_only:
+        raise ConfigError("--rescore-prompts goes with --report-only (a full run scores the current suite anyway)")
     config = build_config(args)
     torch.set_num_threads(config.threads)
     started = time.perf_counter()
@@ -168,7 +175,12 @@ def run(args: argparse.Namespace) -> int:
             write_markdown(summary, args.markdown, rel, names or (FIGURES if args.figures else {}))
         return summary
 
-    rows = finished_rows(config) if args.report_only else run_experiment(config, on_done=report)
+    if args.report_only:
+        rows = finished_rows(config)
+        if args.rescore_prompts:
+            rows = rescore_prompts(config, rows)
+    else:
+        rows = run_experiment(config, on_done=report)
     summary = write_outputs(rows, figures=True)
     for depth, entry in summary["depths"].items():
         print(f"depth {depth}: Memory Mosaic {entry['mosaic_val_loss']:.4f}, GPT {entry['gpt_val_loss']:.4f} "

@@ -234,6 +234,24 @@ def finished_rows(config: ReproduceConfig) -> list[dict]:
     return [_read_row(path) for path in sorted((Path(config.out) / "results").glob("*.json"))]
 
 
+def rescore_prompts(config: ReproduceConfig, rows: list[dict]) -> list[dict]:
+    """Score the current prompt suite again with each finished job's saved model (seconds per model),
+    so that a corrected suite does not need new training; the job files are updated."""
+    from memory_mosaics.data import PreparedData
+    from memory_mosaics.experiments.prompts import load_prompt_suite, score_prompt_suite
+    from memory_mosaics.train.checkpoint import load_model
+
+    tokenizer = PreparedData.open(prepare_data(config), verify=False).tokenizer
+    items = first_per_category(load_prompt_suite(), config.prompts_per_category)
+    for row in rows:
+        model = load_model(Path(config.out) / "runs" / row["job"]).eval()
+        max_len = model.config.block_size if row["kind"] == "gpt" else None
+        row["prompt_suite"] = score_prompt_suite(model, tokenizer, items, max_len=max_len)
+        path = Path(config.out) / "results" / f"{row['job']}.json"
+        path.write_text(json.dumps(row) + "\n", encoding="utf-8")
+    return rows
+
+
 def _read_row(path: Path) -> dict:
     row = json.loads(path.read_text(encoding="utf-8"))
     row.setdefault("finished_at", path.stat().st_mtime)
