@@ -282,18 +282,35 @@ def _read_manifest(path: Path) -> dict:
             f"{file}: format_version {manifest.get('format_version')!r} is not supported (this version reads "
             f"{MANIFEST_VERSION}); prepare the data again"
         )
-    try:
-        tok = manifest["tokenizer"]
-        assert all(isinstance(tok[k], str) for k in ("name", "fingerprint", "folder"))
-        assert Path(tok["folder"]).name == tok["folder"] not in ("", ".", "..")  # inside the data folder
-        assert all(isinstance(tok[k], int) for k in ("vocab_size", "eot_id"))
-        for split in SPLITS:
-            for shard in manifest["splits"][split]["shards"]:
-                assert isinstance(shard["file"], str) and Path(shard["file"]).name == shard["file"]
-                assert isinstance(shard["tokens"], int) and isinstance(shard["bytes"], int)
-    except (KeyError, TypeError, AssertionError) as err:
-        raise ShardError(f"{file} is malformed (missing or wrong field near {err!s}); prepare the data again") from err
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise ShardError(f"{file} is malformed ({problem}); prepare the data again")
     return manifest
+
+
+def _manifest_problem(manifest: dict) -> str | None:
+    """What is wrong with a manifest's fields, or None."""
+    tok = manifest.get("tokenizer")
+    if not isinstance(tok, dict):
+        return "no tokenizer object"
+    for key, kind in {"name": str, "fingerprint": str, "folder": str, "vocab_size": int, "eot_id": int}.items():
+        if not isinstance(tok.get(key), kind) or isinstance(tok.get(key), bool):
+            return f"tokenizer {key} is {tok.get(key)!r}, expected {kind.__name__}"
+    if Path(tok["folder"]).name != tok["folder"] or tok["folder"] in ("", ".", ".."):
+        return f"tokenizer folder {tok['folder']!r} is not a folder name inside the data folder"
+    splits = manifest.get("splits")
+    for split in SPLITS:
+        shards = splits.get(split, {}).get("shards") if isinstance(splits, dict) else None
+        if not isinstance(shards, list):
+            return f"no shard list for the {split} split"
+        for shard in shards:
+            if not isinstance(shard, dict) or not isinstance(shard.get("file"), str):
+                return f"a {split} shard without a file name"
+            if Path(shard["file"]).name != shard["file"]:
+                return f"shard file {shard['file']!r} is not a file name inside the data folder"
+            if not all(isinstance(shard.get(k), int) and shard[k] >= 0 for k in ("tokens", "bytes")):
+                return f"shard {shard['file']} has no valid token and byte counts"
+    return None
 
 
 def _check_tokenizer(path: Path, manifest: dict, tokenizer: Tokenizer) -> None:
