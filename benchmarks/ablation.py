@@ -66,6 +66,18 @@ def persistent_retrieval_materialised(queries, memory_keys, memory_values, dropo
     return out.view(heads, batch, length, dim).transpose(0, 1)
 
 
+def persistent_retrieval_blocked(queries, memory_keys, memory_values, dropout_p=0.0, training=False):
+    """The previous CPU path (until the fused-attention read): blocked products, hand-written backward."""
+    from memory_mosaics.ops.persistent_read import persistent_read
+
+    batch, heads, length, dim = queries.shape
+    keys, values = memory_keys.to(queries.dtype), memory_values.to(queries.dtype)
+    folded = queries.transpose(0, 1).reshape(heads, batch * length, dim)
+    with torch.autocast("cpu", enabled=False):
+        out = persistent_read(folded, keys, values)
+    return out.view(heads, batch, length, dim).transpose(0, 1)
+
+
 def context_forward_unfused(self, x):
     """Two projections, values for every position, zero rows padded before the output projection."""
     keys, values = self.key(x), self.value(x)
@@ -95,6 +107,7 @@ VARIANTS = {
     "leaky average by autograd": [(memory_layers, "leaky_average", leaky_average_autograd)],
     "normalisation by autograd": [(memory_layers, "normalize_and_scale", normalize_plain)],
     "persistent read by autograd": [(memory_layers, "persistent_retrieval", persistent_retrieval_materialised)],
+    "persistent read by blocked products": [(memory_layers, "persistent_retrieval", persistent_retrieval_blocked)],
     "unfused context projections": [(memory_layers.ContextMemory, "forward", context_forward_unfused)],
     "output scale on reads": [(memory_layers.PersistentMemory, "read", persistent_read_scaling_reads)],
     "logit scale on logits": [(mosaic_model.MemoryMosaic, "forward", forward_scaling_logits)],
@@ -171,6 +184,7 @@ def components(length: int, dtype: str, rounds: int) -> dict:
         "normalise (autograd)": (lambda x: scaled_normalize_reference(split(x), decay), wide),
         "normalise (now)": (lambda x: scaled_normalize(split(x), decay), wide),
         "persistent read (autograd)": (lambda q: persistent_retrieval_materialised(q, *tables), queries),
+        "persistent read (blocked products)": (lambda q: persistent_retrieval_blocked(q, *tables), queries),
         "persistent read (now)": (lambda q: persistent_retrieval(q, *tables), queries),
         "GPT attention": (CausalSelfAttention(config), wide[..., :channels]),
         "ContextMemory": (ContextMemory(channels, heads, 4), wide[..., :channels]),

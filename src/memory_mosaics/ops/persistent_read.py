@@ -1,5 +1,9 @@
 """Persistent-memory retrieval on CPUs: a softmax over every slot, in blocks of rows, by hand.
 
+No longer on the model's path: the fused attention kernel, called once per table on the folded
+queries (`retrieval.persistent_retrieval`), measured faster on CPUs and keeps O(T) memory too. This
+form stays, tested, as the baseline that `benchmarks/ablation.py` measures that change against.
+
 The tables are shared by the whole batch, so batch and time fold into one long matrix of queries per
 head, and retrieval is two large matrix products per table and block of rows (the fused attention
 kernel runs far below matrix-product speed on CPUs). The softmax weights are B x H x T x P numbers —

@@ -19,8 +19,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from memory_mosaics.ops.persistent_read import persistent_read
-
 
 def context_retrieval_reference(
     keys: Tensor, values: Tensor, shift: int = 1, dropout_p: float = 0.0, training: bool = False
@@ -89,35 +87,28 @@ def persistent_retrieval_reference(
 def persistent_retrieval(
     queries: Tensor, memory_keys: Tensor, memory_values: Tensor, dropout_p: float = 0.0, training: bool = False
 ) -> Tensor:
-    """Fast form. On GPUs, one fused attention call per table.
+    """Fast form: per table, one fused attention call that reads the whole batch at once.
 
-    On CPUs the fused kernel runs far below matrix-product speed (measured: 238 ms against 147 ms for a
-    forward and backward at B=8, T=256, H=4, P=896 in bf16), so there we use `persistent_read`: batch
-    and time fold into one long matrix per head, two large matrix products per table, a hand-written
-    backward pass, and O(T) memory at long T. With dropout on the weights, the plain autograd form.
+    The tables are shared by the batch, so batch and time fold into one long sequence of B x T queries
+    per head: a (1, H, B*T, d) query tensor (a view of head-major queries) against the (1, H, P, d)
+    table, no mask, scale 1. The fused kernel never holds the B x H x T x P softmax weights (its
+    backward pass recomputes them in blocks), so memory is O(T); on CPUs it was also measured faster
+    than our blocked matrix products with a hand-written backward (`persistent_read.py`, the previous
+    path; docs/performance.md): 126 vs 138 ms (bf16) and 162 vs 230 ms (fp32) forward + backward at
+    B = 8, T = 256, H = 4, P = 896. Dropout on the weights is the kernel's own `dropout_p`.
     """
     batch, heads, length, dim = queries.shape
     dropout_p = dropout_p if training else 0.0
     keys, values = memory_keys.to(queries.dtype), memory_values.to(queries.dtype)
-    if queries.device.type != "cpu":
-        out = 0.0
-        for table_keys, table_values in zip(keys, values, strict=True):
-            out = out + F.scaled_dot_product_attention(
-                queries,
-                table_keys.expand(batch, *table_keys.shape),
-                table_values.expand(batch, *table_values.shape),
-                dropout_p=dropout_p,
-                scale=1.0,
+    folded = queries.transpose(0, 1).reshape(1, heads, batch * length, dim)  # a view for head-major queries
+    out = None
+    for table_keys, table_values in zip(keys, values, strict=True):
+        # (Autocast off: the inputs already have the dtype to compute in.)
+        with torch.autocast(queries.device.type, enabled=False):
+            read = F.scaled_dot_product_attention(
+                folded, table_keys.unsqueeze(0), table_values.unsqueeze(0), dropout_p=dropout_p, scale=1.0
             )
-        return out / memory_keys.shape[0]
-    folded = queries.transpose(0, 1).reshape(heads, batch * length, dim)  # a view for head-major queries
-    if dropout_p > 0.0:
-        out = 0.0
-        for table_keys, table_values in zip(keys, values, strict=True):
-            weights = torch.softmax(folded @ table_keys.transpose(-1, -2), dim=-1)
-            out = out + F.dropout(weights, p=dropout_p, training=True) @ table_values
+        out = read if out is None else out + read
+    if memory_keys.shape[0] > 1:
         out = out / memory_keys.shape[0]
-    else:
-        with torch.autocast("cpu", enabled=False):
-            out = persistent_read(folded, keys, values)
     return out.view(heads, batch, length, dim).transpose(0, 1)
