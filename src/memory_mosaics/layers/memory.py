@@ -219,8 +219,11 @@ class ContextMemory(nn.Module):
                 value_bias = key.proj.bias.new_zeros(value.proj.out_features)
             bias = torch.cat([key.proj.bias, value_bias])
         projected = F.linear(x, weight, bias)  # (B, T, C + C), or (B, T, C + 2C) for kernel2
-        keys = key(x, projected=projected[..., :channels])
-        values = value(x, projected=projected[..., channels:])
+        # `split`, not two slices: its backward pass writes the joint gradient once (a cat), where
+        # each slice's would fill a zero (B, T, 2C) tensor, copy into it, and the two be added.
+        key_part, value_part = projected.split([channels, projected.shape[-1] - channels], dim=-1)
+        keys = key(x, projected=key_part)
+        values = value(x, projected=value_part)
         retrieved = context_read(keys, values[..., : length - shift, :], shift, self.dropout, self.training)
         out = F.linear(merge_heads(retrieved), self.c_proj.weight)
         out = F.pad(out, (0, 0, shift, 0))  # rows t < shift read nothing: c_proj(0) = its bias
