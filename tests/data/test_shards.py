@@ -1,9 +1,12 @@
-"""Token shards: header round trip, dtype choice, and refusal of corrupt or mismatched files."""
+"""Token shards: header round trip, dtype choice, and refusal of corrupt or mismatched files;
+property-based tests of the writer and the reader (any tokens round trip, any damage is refused cleanly)."""
 
 import struct
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from memory_mosaics.data.shards import (
     HEADER_SIZE,
@@ -105,3 +108,60 @@ def test_refuses_a_shard_of_another_tokenizer(tmp_path):
     path = _shard(tmp_path)
     with pytest.raises(ShardError, match=r"written with tokenizer 'byte-.*not the expected 'bpe-1234'"):
         read_shard(path, expected_fingerprint="bpe-1234")
+
+
+# -- properties -----------------------------------------------------------------------------------------
+
+PROPERTY = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@st.composite
+def token_arrays(draw):
+    vocab = draw(st.sampled_from([1, 2, 257, 50257, 1 << 16, (1 << 16) + 1, 1 << 20]))
+    tokens = draw(st.lists(st.integers(0, vocab - 1), max_size=300))
+    chunks = draw(st.lists(st.integers(0, len(tokens)), max_size=4))
+    return vocab, np.array(tokens, dtype=np.int64), sorted(chunks)
+
+
+@PROPERTY
+@given(case=token_arrays())
+def test_any_tokens_round_trip_whole_or_streamed(tmp_path, case):
+    vocab, tokens, cuts = case
+    write_shard(tmp_path / "a.bin", tokens, FP, vocab_size=vocab)
+    with ShardWriter(tmp_path / "b.bin", FP, np.uint16 if vocab <= 1 << 16 else np.uint32) as writer:
+        for piece in np.split(tokens, cuts):
+            writer.write(piece)
+    for name in ("a.bin", "b.bin"):
+        data = read_shard(tmp_path / name, expected_fingerprint=FP)
+        np.testing.assert_array_equal(data, tokens)
+        assert data.dtype == (np.uint16 if vocab <= 1 << 16 else np.uint32)
+    assert (tmp_path / "a.bin").read_bytes() == (tmp_path / "b.bin").read_bytes()
+
+
+@PROPERTY
+@given(
+    tokens=st.lists(st.integers(0, 65535), min_size=1, max_size=64),
+    edit=st.sampled_from(["truncate", "append", "overwrite"]),
+    at=st.integers(0, 10_000),
+    junk=st.binary(min_size=1, max_size=16),
+)
+def test_a_damaged_shard_is_refused_or_reads_its_own_size(tmp_path, tokens, edit, at, junk):
+    """Whatever is done to a shard's bytes, the reader raises ShardError or returns exactly the number
+    of tokens its header promises and its size holds; it never fails any other way."""
+    write_shard(tmp_path / "s.bin", tokens, FP, vocab_size=1 << 16)
+    raw = bytearray((tmp_path / "s.bin").read_bytes())
+    at %= len(raw)
+    if edit == "truncate":
+        raw = raw[:at]
+    elif edit == "append":
+        raw += junk
+    else:
+        raw[at : at + len(junk)] = junk[: len(raw) - at]
+    (tmp_path / "s.bin").write_bytes(bytes(raw))
+    try:
+        data = read_shard(tmp_path / "s.bin", expected_fingerprint=FP)
+    except ShardError:
+        return
+    assert HEADER_SIZE + data.size * data.dtype.itemsize == len(raw)
+    if edit == "overwrite" and at >= HEADER_SIZE:  # only tokens changed: same count, same dtype
+        assert data.size == len(tokens) and data.dtype == np.uint16

@@ -6,7 +6,7 @@ from itertools import islice
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from memory_mosaics.data.corpora import open_corpus
@@ -246,3 +246,72 @@ def test_bpe_vocab_may_be_smaller_than_asked_on_a_tiny_corpus():
     tok = BPETokenizer.train(["ab ab ab"], vocab_size=5000)
     assert 257 <= tok.vocab_size < 5000
     assert tok.decode(tok.encode("ab ba")) == "ab ba"
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.text())
+def test_gpt2_round_trip_property(gpt2, text):
+    ids = gpt2.encode(text)
+    assert all(0 <= i < gpt2.vocab_size for i in ids) and gpt2.decode(ids) == text
+
+
+# -- untrusted tokenizer files: any damage gives a TokenizerError, never another exception ---------------
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=6,
+)
+BPE_PATHS = [
+    ("model",), ("model", "type"), ("model", "vocab"), ("model", "merges"), ("model", "merges", 0),
+    ("model", "vocab", "<|endoftext|>"), ("model", "vocab", "a"), ("added_tokens",), ("added_tokens", 0),
+    ("pre_tokenizer",), ("decoder",), ("normalizer",), ("model", "byte_fallback"),
+]  # fmt: skip
+CONFIG_KEYS = ["format_version", "name", "vocab_size", "eot_id", "fingerprint", "files", "eot_text"]
+
+
+def _replace(tree, path, value):
+    node = tree
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+
+
+@pytest.fixture(scope="module")
+def saved_bpe(bpe, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("saved-bpe")
+    bpe.save(folder)
+    return folder
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(path=st.sampled_from(BPE_PATHS), value=JSON_VALUES)
+def test_a_tampered_bpe_file_is_refused_cleanly(saved_bpe, tmp_path, path, value):
+    folder = tmp_path / "tok"
+    shutil.copytree(saved_bpe, folder, dirs_exist_ok=True)
+    tree = json.loads((folder / "bpe.json").read_text())
+    _replace(tree, path, value)
+    (folder / "bpe.json").write_text(json.dumps(tree))
+    try:
+        tokenizer = load_tokenizer(folder)
+    except TokenizerError:
+        return  # refused: the point
+    # loaded: the edit did not change the vocabulary (its fingerprint was checked) and it still works
+    assert tokenizer.decode(tokenizer.encode("the cat sat")) == "the cat sat"
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(key=st.sampled_from(CONFIG_KEYS), value=JSON_VALUES)
+def test_a_tampered_tokenizer_config_is_refused_cleanly(saved_bpe, tmp_path, key, value):
+    folder = tmp_path / "tok"
+    shutil.copytree(saved_bpe, folder, dirs_exist_ok=True)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    original = config.get(key)
+    config[key] = value
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    try:
+        tokenizer = load_tokenizer(folder)
+    except TokenizerError:
+        return
+    assert key == "eot_text" or value == original  # only an unused field or an unchanged value may load
+    assert tokenizer.fingerprint() == config["fingerprint"]

@@ -290,6 +290,8 @@ class BPETokenizer(_TiktokenBPE):
         vocab, merges = saved["model"]["vocab"], saved["model"]["merges"]
         if vocab.get(EOT_TEXT) is None:
             raise TokenizerError(f"the BPE tokenizer has no {EOT_TEXT} token; it was not made by mosaic")
+        if sorted(vocab.values()) != list(range(len(vocab))):
+            raise TokenizerError("the BPE tokenizer's ids are not 0..N-1 each once; the file is corrupt")
         self.vocab_size = len(vocab)
         self.eot_id = vocab[EOT_TEXT]
         # tiktoken ranks merges by the id of the token they make: ids must follow merge order.
@@ -336,7 +338,11 @@ class BPETokenizer(_TiktokenBPE):
             hf = HFTokenizer.from_file(str(path))
         except Exception as err:  # the Rust side raises plain Exception for every parse error
             raise TokenizerError(f"cannot read BPE tokenizer {path} ({err}); the file is corrupt") from err
-        return cls(hf)
+        try:
+            return cls(hf)
+        except (KeyError, TypeError, ValueError, AttributeError, AssertionError) as err:
+            # a file HF accepts may still break what this class (and tiktoken) assume of it
+            raise TokenizerError(f"BPE tokenizer {path} is corrupt ({type(err).__name__}: {err})") from err
 
     def fingerprint(self) -> str:
         if self._fingerprint is None:

@@ -166,7 +166,7 @@ class PretrainedModel(nn.Module):
             )
         try:
             model = cls(config)
-        except (RuntimeError, MemoryError) as err:
+        except (RuntimeError, MemoryError, TypeError, ValueError, OverflowError) as err:
             raise CheckpointError(f"{config_path}: cannot build the model it describes ({err})") from None
         # Tied parameters are absent from the file (checked above); loading their source fills them too.
         model.load_state_dict(read_weights(folder, model, map_location), strict=False)
@@ -188,17 +188,21 @@ def read_config(folder: str | os.PathLike[str]) -> tuple[str, dict[str, Any]]:
     if not isinstance(values, dict) or "model_type" not in values:
         raise CheckpointError(f"{path}: expected a JSON object with a 'model_type' field")
     model_type = values.pop("model_type")
-    if model_type not in MODEL_TYPES:
+    if not isinstance(model_type, str) or model_type not in MODEL_TYPES:
         raise CheckpointError(f"{path}: unknown model_type {model_type!r}; known: {', '.join(sorted(MODEL_TYPES))}")
     return model_type, values
 
 
 def min_param_count(config: ModelConfig) -> int:
     """A cheap lower bound on the parameters of a model with this config, from the contract's field
-    names: a vocab_size x n_embd embedding and an n_embd x n_embd matrix in each of n_layer blocks.
-    Used to refuse absurd sizes before anything is allocated."""
+    names: a vocab_size x n_embd embedding, an n_embd x n_embd matrix in each of n_layer blocks, and
+    pmem_count pmem_size x n_embd persistent memories in each block that has one. Used to refuse absurd sizes
+    before anything is allocated (a GPT's block_size x n_embd position table is not counted)."""
     vocab, width, layers = (getattr(config, name, 0) for name in ("vocab_size", "n_embd", "n_layer"))
-    return vocab * width + layers * width * width
+    slots = (
+        0 if getattr(config, "attn_only", False) else getattr(config, "pmem_size", 0) * getattr(config, "pmem_count", 1)
+    )
+    return vocab * width + layers * width * (width + slots)
 
 
 def read_weight_shapes(folder: str | os.PathLike[str]) -> dict[str, tuple[int, ...]]:
