@@ -193,6 +193,38 @@ def latency_vs_context(model, idx, configs: dict, contexts: list[int], steps: in
     return rows
 
 
+def interleaved_latency(model, idx, name: str, options: dict, contexts: list[int], steps: int, rounds: int) -> dict:
+    """Per-token latency of one bounded policy at several contexts, measured interleaved.
+
+    One prefill passes every context and keeps a copy of the state there; then each round times `steps`
+    single-token steps from a fresh copy of every snapshot, in a shuffled order, so that drift in the
+    shared machine's load falls on all contexts alike instead of on whichever was measured last."""
+    import copy
+    import random
+
+    state, snapshots = model.init_state(1, **options), {}
+    for context in contexts:
+        prefill(model, state, idx, context, chunk=1024)
+        snapshots[context] = copy.deepcopy(state)
+        log(f"(b') {name} prefilled to {context}")
+    samples = {context: [] for context in contexts}
+    order = list(contexts)
+    for round_ in range(rounds):
+        random.Random(round_).shuffle(order)
+        for context in order:
+            run = copy.deepcopy(snapshots[context])
+            samples[context].append(time_steps(model, run, idx[:, context : context + steps])[0])
+    medians_ms = {context: statistics.median(values) for context, values in samples.items()}
+    spread = max(medians_ms.values()) / min(medians_ms.values()) - 1
+    log(f"(b') {name}: " + "  ".join(f"{c}: {m:.2f}" for c, m in medians_ms.items()) + f"  spread {spread:.1%}")
+    return {
+        "policy": name, "options": options, "steps": steps, "rounds": rounds,
+        "token_ms_median": {str(c): m for c, m in medians_ms.items()},
+        "token_ms_rounds": {str(c): v for c, v in samples.items()},
+        "spread_max_over_min": spread,
+    }  # fmt: skip
+
+
 def quality_text(spec: str, tokenizer) -> tuple[str, list[int]]:
     """TinyStories validation stories joined by end-of-text, a long Python standard-library file, or FILE."""
     if spec == "tinystories":
@@ -308,6 +340,8 @@ def main() -> int:
     parser.add_argument("--quality-text", nargs="*", default=[], help="tinystories, stdlib or a file")
     parser.add_argument("--quality-tokens", type=int, default=16384)
     parser.add_argument("--quality-policies", nargs="*", default=[], help="only these (besides exact)")
+    parser.add_argument("--interleaved", nargs="*", default=[], help="policies (e.g. lru-1024) to time interleaved")
+    parser.add_argument("--rounds", type=int, default=7, help="rounds of the interleaved timing")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skip", nargs="*", default=[], choices=["recompute", "latency"])
     parser.add_argument("--json", default="benchmarks/results/generation_speed.json")
@@ -349,6 +383,11 @@ def main() -> int:
         result["cached_vs_recompute"] = cached_vs_recompute(model, idx, recompute_contexts, args.steps, args.chunk)
     if "latency" not in args.skip:
         result["latency_vs_context"] = latency_vs_context(model, idx, configs, contexts, args.steps, args.chunk, args)
+    if args.interleaved:
+        result["interleaved_latency"] = [
+            interleaved_latency(model, idx, name, configs[name], contexts, args.steps, args.rounds)
+            for name in args.interleaved
+        ]
     if args.quality_text:
         if tokenizer is None:
             parser.error("--quality-text needs --ckpt (a trained model and its tokenizer)")

@@ -125,6 +125,16 @@ class LSHIndex:
         self.sorted_codes, self.sorted_slots = codes[..., :filled].sort(dim=-1, stable=True)
         self.tail = None
 
+    def bucket_total(self, query_codes: Tensor) -> int:
+        """An upper bound on any (row, head)'s number of candidates, from the bucket sizes alone: the sum
+        over tables of the sorted bucket sizes plus the tail (a key in several buckets counts each time)."""
+        tail = 0 if self.tail is None else self.tail.shape[-1]
+        if self.sorted_codes is None:
+            return tail
+        low = torch.searchsorted(self.sorted_codes, query_codes)
+        high = torch.searchsorted(self.sorted_codes, query_codes, right=True)
+        return int((high - low).sum(dim=(2, 3)).max()) + tail
+
     def candidates(self, query_codes: Tensor, codes: Tensor) -> tuple[Tensor, Tensor]:
         """query_codes (B, H, tables, n) -> slot index (B, H, n, K) and valid (B, H, n, K), no duplicates.
 

@@ -35,9 +35,11 @@ from memory_mosaics.inference.approximate import HyperplaneHash, LSHIndex, candi
 # Largest score matrix (elements) built at once when a long chunk is read against many pairs.
 READ_BUDGET = 1 << 24
 NEVER = -1  # last_used of an empty slot
-# LSH generation gathers a query's candidates only when they are at most 1/GATHER_LIMIT of the stored
-# keys; beyond that, copying them costs more than one dense product over all keys (measured on CPU).
-GATHER_LIMIT = 8
+# LSH generation walks a query's buckets and gathers its candidates only when the buckets hold at most
+# 1/GATHER_LIMIT of the stored keys (counted with repeats across tables); beyond that, scanning every
+# stored code and one masked product is cheaper (measured on CPU, trained keys at 32k: the two cost the
+# same near half).
+GATHER_LIMIT = 2
 
 
 class EvictionPolicy:
@@ -222,16 +224,22 @@ class SlotMemory:
         mask = admissible
         if self.hasher is not None and pairs is None and queries.shape[2] == 1:
             # Generation with LSH: the query's buckets from the sorted index; only those keys are scored.
-            index, valid = self.index.candidates(self.hasher.codes(queries), self.codes)
-            if index.shape[-1] * GATHER_LIMIT <= stored:
+            query_codes = self.hasher.codes(queries)
+            if self.index.bucket_total(query_codes) * GATHER_LIMIT <= stored:
+                index, valid = self.index.candidates(query_codes, self.codes)
                 reads, weights = candidate_read(queries, self.keys, self.values, index, valid)
                 if tracking:
                     self._mark_used(weights, times, index)
                 return reads
-            # Many candidates (trained keys repeat: every earlier occurrence of a frequent token shares
-            # its bucket): copying them costs more than scoring all keys, so mask a dense read instead.
-            found = torch.zeros(*index.shape[:3], stored + 1, dtype=torch.bool, device=index.device)
-            mask = found.scatter_(-1, index.masked_fill(~valid, stored), True)[..., :stored]
+            # Big buckets (trained keys repeat: every earlier occurrence of a frequent token shares its
+            # bucket): walking them and copying the keys costs more than scanning every stored code and
+            # one plain masked product, which costs about an exact read (the fused kernel with a mask
+            # costs 2-3x that for one query; measured on CPU at 32k keys).
+            mask = lsh_candidates(query_codes, codes)
+            reads, weights = dense_read(queries, keys, values, mask)
+            if tracking:
+                self._mark_used(weights, times, None)
+            return reads
         elif self.hasher is not None:
             # A chunk (prefill): comparing the queries' codes with every stored key's, then one fused
             # masked product, is cheaper than gathering each query's candidates (measured: 2-4x), and
