@@ -113,6 +113,13 @@ def test_sample_command_streams_and_is_reproducible(tmp_path, capsys):
     assert first == "Tom " + sample + "\n"
     assert main([*argv[:-2], "--top-p", "1.5"]) == 2
     assert "--top-p" in capsys.readouterr().err
+    # A bound at least as long as the sequence changes nothing (the padded-vocab wrapper keeps the state).
+    assert main([*argv, "--memory-size", "64", "--eviction", "lru"]) == 0
+    assert capsys.readouterr().out == first
+    assert main([*argv, "--memory-size", "4", "--eviction", "fifo", "--retrieval", "lsh"]) == 0
+    assert capsys.readouterr().out.startswith("Tom ")
+    assert main([*argv, "--memory-size", "0"]) == 2
+    assert "memory_size must be >= 1" in capsys.readouterr().err
 
 
 @torch.no_grad()

@@ -33,11 +33,28 @@ def register(subparsers) -> None:
     parser.add_argument("--no-stop", action="store_true", help="keep going past an end-of-text token")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--json", metavar="F", help="also write the prompt and samples as JSON to F")
+    memory = parser.add_argument_group(
+        "inference memory (Memory Mosaic only; see docs/inference.md)",
+        "Bound each context memory or make retrieval approximate; unset options keep the exact, unbounded memory.",
+    )
+    memory.add_argument("--memory-size", type=int, help="capacity M of each context memory (entries per head)")
+    memory.add_argument("--eviction", choices=["lru", "fifo", "sink+recent"], help="policy when a memory is full")
+    memory.add_argument("--sink-size", type=int, help="sink+recent: first entries never evicted")
+    memory.add_argument("--lru-threshold", type=float, help="lru: retrieval weight at which an entry counts as used")
+    memory.add_argument("--retrieval", choices=["exact", "lsh", "features"], help="how a query reads the memory")
+    memory.add_argument("--lsh-tables", type=int, help="lsh: number of hash tables")
+    memory.add_argument("--lsh-bits", type=int, help="lsh: hyperplanes per table")
+    memory.add_argument("--num-features", type=int, help="features: random features per head")
     parser.set_defaults(run=run)
 
 
+STATE_OPTIONS = ("memory_size", "eviction", "sink_size", "lru_threshold", "retrieval", "lsh_tables", "lsh_bits",
+                 "num_features")  # fmt: skip
+
+
 class VocabularyLimit(nn.Module):
-    """Hide logits of ids the tokenizer cannot decode (a model's vocab_size may be padded, e.g. 50304)."""
+    """Hide logits of ids the tokenizer cannot decode (a model's vocab_size may be padded, e.g. 50304).
+    Keeps the model's recurrent state, so generation still costs one step per token."""
 
     def __init__(self, model: nn.Module, vocab_size: int):
         super().__init__()
@@ -46,6 +63,18 @@ class VocabularyLimit(nn.Module):
     def forward(self, idx: torch.Tensor, targets=None):
         logits, _ = self.model(idx)
         return logits[..., : self.vocab_size], None
+
+    def init_state(self, batch_size: int, **options):
+        return self.model.init_state(batch_size, **options)
+
+    def step(self, idx: torch.Tensor, state):
+        logits, state = self.model.step(idx, state)
+        return logits[..., : self.vocab_size], state
+
+
+def state_options(args: argparse.Namespace) -> dict:
+    """The inference-memory flags that were given, as `init_state` options (the others keep defaults)."""
+    return {name: getattr(args, name) for name in STATE_OPTIONS if getattr(args, name, None) is not None}
 
 
 class TextStream:
@@ -99,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args.ckpt, args.device)
     if model.config.vocab_size > tokenizer.vocab_size:
         model = VocabularyLimit(model, tokenizer.vocab_size)
+    options = state_options(args)
     prompt_ids = [tokenizer.eot_id, *tokenizer.encode(args.prompt)]
     samples = []
     for i in range(args.num_samples):
@@ -111,6 +141,7 @@ def run(args: argparse.Namespace) -> int:
         generate(
             model, idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
             top_p=args.top_p, stop_token=stream.stop_token, seed=seed, stream=stream,
+            state_options=options,
         )  # fmt: skip
         samples.append(stream.finish())
     if args.json:
