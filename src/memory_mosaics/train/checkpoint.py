@@ -327,7 +327,11 @@ def read_trainer_state(folder: Path) -> dict[str, Any]:
         value = state.get(name)
         if not isinstance(value, kind) or isinstance(value, bool):
             raise CheckpointError(f"{path} is corrupt: field {name!r} is {value!r}")
-    for name in ("step", "tokens_seen", "elapsed_s"):
+    for name in ("bad_steps", "bad_steps_in_a_row"):  # absent from checkpoints of older versions
+        value = state.setdefault(name, 0)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise CheckpointError(f"{path} is corrupt: field {name!r} is {value!r}")
+    for name in ("step", "tokens_seen", "elapsed_s", "bad_steps", "bad_steps_in_a_row"):
         if state[name] < 0:
             raise CheckpointError(f"{path} is corrupt: field {name!r} is negative ({state[name]})")
     if not isinstance(state["sampler"].get("step"), int) or state["sampler"]["step"] < 0:

@@ -276,6 +276,16 @@ class Trainer:
             self.train_model = DistributedDataParallel(self.train_model, device_ids=ids)
 
     def _restore(self, state: dict) -> None:
+        try:
+            self._restore_state(state)
+        except MosaicError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as err:
+            raise CheckpointError(
+                f"cannot resume from {self.resume_from}: {ckpt.STATE_FILE} is corrupt ({type(err).__name__}: {err})"
+            ) from None
+
+    def _restore_state(self, state: dict) -> None:
         ckpt.restore_optimizer(self.resume_from, self.optimizer, state)
         ckpt.restore_rng(self.resume_from, self.ctx.rank, self.device)
         self.sampler.load_state_dict(state["sampler"])
