@@ -10,8 +10,9 @@ import torch
 from memory_mosaics.errors import ConfigError
 from memory_mosaics.tasks.moons.analysis import (
     disentanglement,
+    error_bands,
     error_vs_context,
-    error_vs_context_stepwise,
+    hand_set_memory,
     retrieval_phase_match,
 )
 from memory_mosaics.tasks.moons.data import MoonsDataConfig, ThreeMoons, joint_period, select_triples
@@ -22,7 +23,7 @@ from memory_mosaics.tasks.moons.model import (
     complex_projection,
     generate,
 )
-from memory_mosaics.tasks.moons.train import MoonsTrainConfig, learning_rate
+from memory_mosaics.tasks.moons.train import AdamWithoutBiasCorrection, MoonsTrainConfig, learning_rate
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-5, atol: float = 1e-6) -> None:
@@ -194,6 +195,24 @@ def test_learning_rate_decays_linearly():
         MoonsModelConfig(n_head=3, head_dim=3)
 
 
+def test_default_optimizer_is_the_authors_adam_without_bias_correction():
+    """MLX's AdamW (the authors' framework) omits bias correction: the first step is ~3.16 lr, not lr."""
+    assert MoonsTrainConfig().bias_correction is False
+    lr, eps, (b1, b2) = 0.1, 1e-8, (0.9, 0.999)
+    param = torch.nn.Parameter(torch.tensor([1.0]))
+    optimizer = AdamWithoutBiasCorrection([param], lr=lr, betas=(b1, b2), eps=eps)
+    m = v = 0.0
+    expected = 1.0
+    for g in (0.5, -0.2, 0.3):
+        param.grad = torch.tensor([g])
+        optimizer.step()
+        m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+        expected -= lr * m / (math.sqrt(v) + eps)
+        assert param.item() == pytest.approx(expected, rel=1e-6)
+    first_step = lr * (1 - b1) / math.sqrt(1 - b2)  # 0.316: what made MLX's steps larger than PyTorch's
+    assert 1.0 - first_step == pytest.approx(0.68377, abs=1e-5)
+
+
 # --- analysis -------------------------------------------------------------------------------------
 
 
@@ -231,7 +250,7 @@ def test_batched_error_curve_matches_stepping_the_cache(write_values, moons):
     lengths = [1, 2, 5, 17, 26, 30]
     # max_elements small enough to split the lengths into several chunks
     fast = error_vs_context(model, x, y, lengths, num_predictions=21, write_values=write_values, max_elements=400)
-    plain = error_vs_context_stepwise(model, x, y, lengths, num_predictions=21, write_values=write_values)
+    plain = error_vs_context(model, x, y, lengths, num_predictions=21, write_values=write_values, stepwise=True)
     assert_close(fast, plain, rtol=1e-4, atol=1e-6)
 
 
@@ -254,6 +273,27 @@ def test_error_vs_context_first_step_equals_teacher_forced_error(moons):
     assert errors.tolist() == pytest.approx(expected, rel=1e-5)
     with pytest.raises(ConfigError):
         error_vs_context(model, x, y, context_lengths=[40], num_predictions=2)
+
+
+def test_hand_set_memories_show_the_papers_error_curves(moons):
+    """The measurement itself: a memory that works as the paper says gives the paper's curves.
+
+    Three heads each keyed on one moon predict once the context spans the longest moon period; one
+    head keyed on the whole sky needs the joint period. Free-running 25 steps, held-out triple.
+    """
+    starts = torch.randint(8000, (16,), generator=torch.Generator().manual_seed(7))
+    x, y = moons.windows(moons.val_triple, starts, 330)
+    periods, joint = moons.period_tokens(moons.val_triple)  # 44.4, 66.7, 88.9; 266.7
+    lengths = list(range(1, 307, 3))
+    bands = {}
+    for n_head in (1, 3):
+        curve = error_vs_context(hand_set_memory(n_head), x, y, lengths).tolist()
+        bands[n_head] = error_bands(lengths, curve, periods, joint)
+    assert bands[3]["before_longest_period"] > 0.4
+    assert bands[3]["longest_to_joint_period"] < 0.15
+    assert bands[1]["longest_to_joint_period"] > 0.5
+    assert bands[1]["after_joint_period"] < 0.1
+    assert disentanglement(hand_set_memory(3))["score"] == pytest.approx(1.0)
 
 
 def _set_blocks(layer, moduli: torch.Tensor) -> None:

@@ -37,15 +37,7 @@ import itertools
 import torch
 
 from memory_mosaics.errors import ConfigError
-from memory_mosaics.tasks.moons.model import MoonsCache, MoonsMemory
-
-
-def _check_context_lengths(x: torch.Tensor, context_lengths: list[int], num_predictions: int) -> None:
-    if min(context_lengths) < 1 or max(context_lengths) + num_predictions - 1 > x.shape[1]:
-        raise ConfigError(
-            f"context lengths must be in [1, {x.shape[1] - num_predictions + 1}] for windows of "
-            f"{x.shape[1]} steps and {num_predictions} predictions"
-        )
+from memory_mosaics.tasks.moons.model import MoonsCache, MoonsMemory, MoonsModelConfig
 
 
 @torch.no_grad()
@@ -56,6 +48,7 @@ def error_vs_context(
     context_lengths: list[int],
     num_predictions: int = 25,
     write_values: bool = True,
+    stepwise: bool = False,
     max_elements: int = 1 << 24,
 ) -> torch.Tensor:
     """Mean |prediction - truth| of a free-running continuation, for each context length.
@@ -66,20 +59,40 @@ def error_vs_context(
     `write_values=False` generates the authors' way, never storing the values of the last prompt
     position and of the generated ones (their cache bug), for comparison only.
 
-    All context lengths of a chunk run at once (attention logits of at most `max_elements` entries);
-    `error_vs_context_stepwise` is the plain twin that steps the model's own cache, one length at a time.
+    By default all context lengths of a chunk run at once (attention logits of at most `max_elements`
+    entries); `stepwise=True` is the plain twin that steps the model's own cache, one length at a time.
     """
-    _check_context_lengths(x, context_lengths, num_predictions)
+    if min(context_lengths) < 1 or max(context_lengths) + num_predictions - 1 > x.shape[1]:
+        raise ConfigError(
+            f"context lengths must be in [1, {x.shape[1] - num_predictions + 1}] for windows of "
+            f"{x.shape[1]} steps and {num_predictions} predictions"
+        )
     teacher_forced, _ = model(x)  # causal: position L-1 only saw x_0..x_{L-1}
     keys, values = model.keys_and_values(x)
+    if stepwise:
+        return torch.stack(
+            [
+                _free_run_stepwise(model, teacher_forced, keys, values, y, length, num_predictions, write_values)
+                for length in context_lengths
+            ]
+        )
     per_length = keys.shape[0] * keys.shape[1] * max(context_lengths)
     chunk = max(1, max_elements // per_length)
-    lengths = torch.tensor(context_lengths)
     errors = [
         _free_run_chunk(model, teacher_forced, keys, values, y, part, num_predictions, write_values)
-        for part in lengths.split(chunk)
+        for part in torch.tensor(context_lengths).split(chunk)
     ]
     return torch.cat(errors)
+
+
+def _free_run_stepwise(model, teacher_forced, keys, values, y, length, num_predictions, write_values):
+    """The error of the free-running continuation from one context length, through `model.step`."""
+    cache = MoonsCache.from_prefix(keys, values, length, capacity=length + num_predictions - 1)
+    predictions = [teacher_forced[:, length - 1]]
+    for _ in range(num_predictions - 1):
+        predictions.append(model.step(predictions[-1], cache, write_value=write_values))
+    truth = y[:, length - 1 : length - 1 + num_predictions]
+    return (torch.stack(predictions, dim=1) - truth).abs().mean()
 
 
 def _free_run_chunk(model, teacher_forced, keys, values, y, lengths, num_predictions, write_values):
@@ -114,30 +127,6 @@ def _free_run_chunk(model, teacher_forced, keys, values, y, lengths, num_predict
     return (predictions - truth).abs().mean(dim=(0, 2, 3))
 
 
-@torch.no_grad()
-def error_vs_context_stepwise(
-    model: MoonsMemory,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    context_lengths: list[int],
-    num_predictions: int = 25,
-    write_values: bool = True,
-) -> torch.Tensor:
-    """The plain twin of `error_vs_context`: one context length at a time, through `model.step`."""
-    _check_context_lengths(x, context_lengths, num_predictions)
-    teacher_forced, _ = model(x)
-    keys, values = model.keys_and_values(x)
-    errors = []
-    for length in context_lengths:
-        cache = MoonsCache.from_prefix(keys, values, length, capacity=length + num_predictions - 1)
-        predictions = [teacher_forced[:, length - 1]]
-        for _ in range(num_predictions - 1):
-            predictions.append(model.step(predictions[-1], cache, write_value=write_values))
-        truth = y[:, length - 1 : length - 1 + num_predictions]
-        errors.append((torch.stack(predictions, dim=1) - truth).abs().mean())
-    return torch.stack(errors)
-
-
 def error_bands(
     context_lengths: list[int], curve: list[float], periods: list[float], joint: float, margin: int = 5
 ) -> dict[str, float | None]:
@@ -169,6 +158,24 @@ def one_step_error_vs_context(model: MoonsMemory, x: torch.Tensor, y: torch.Tens
     """
     pred, _ = model(x)
     return (pred - y).abs().mean(dim=(0, 2))
+
+
+def hand_set_memory(n_head: int, key_scale: float = 2.0) -> MoonsMemory:
+    """A memory whose maps are set by hand, not trained: keys `key_scale` * x, values x, outputs identity.
+
+    With 3 heads each head reads, stores and writes one moon (disentanglement 1); with 1 head the key
+    compares the whole sky. They show what the error curves look like when a memory works the way the
+    paper describes: the 3-head one is exact once the context spans each moon's own period, the 1-head
+    one only after the joint period (tests/tasks/test_moons.py, docs/moons.md).
+    """
+    if n_head not in (1, 3):
+        raise ConfigError(f"hand_set_memory builds 1 or 3 heads for three moons, got {n_head}")
+    model = MoonsMemory(MoonsModelConfig(n_head=n_head, head_dim=6 // n_head))
+    with torch.no_grad():
+        model.key.weight.copy_(key_scale * torch.eye(6))
+        model.value.weight.copy_(torch.eye(6))
+        model.out.weight.copy_(torch.eye(6))
+    return model
 
 
 def head_moon_profiles(model: MoonsMemory, n_moons: int = 3) -> dict[str, torch.Tensor]:

@@ -1,4 +1,12 @@
-"""Training recipe of the three-moons toy (spec §8): AdamW, linear lr decay, clipped MSE, fresh batches."""
+"""Training recipe of the three-moons toy (spec §8): AdamW, linear lr decay, clipped MSE, fresh batches.
+
+The authors trained with MLX 0.9, whose Adam and AdamW omit Adam's bias correction: the first update
+is sqrt(1 - beta2) / (1 - beta1) = 0.32 / 0.1, about 3.2 times the learning rate per weight, and the
+steps stay about 1.6-3 times larger than bias-corrected ones over the 500 steps (the second-moment
+average warms up over ~1000 steps). That is what the recipe's lr 1e-2 was tuned with, and it matters
+here: with PyTorch's bias-corrected AdamW the 3-head network settles in a worse solution (docs/moons.md).
+So the default is the authors' update; `bias_correction=True` gives `torch.optim.AdamW`.
+"""
 
 from __future__ import annotations
 
@@ -25,6 +33,7 @@ class MoonsTrainConfig:
     beta2: float = 0.999
     weight_decay: float = 0.0
     seed: int = 100
+    bias_correction: bool = False  # False: the authors' MLX AdamW; True: torch.optim.AdamW
 
     def __post_init__(self) -> None:
         for name, low in (("steps", 1), ("batch_size", 1), ("seq_len", 2)):
@@ -37,6 +46,34 @@ class MoonsTrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+class AdamWithoutBiasCorrection(torch.optim.Optimizer):
+    """AdamW as MLX implements it: m and v are exponential averages started at 0 and used as they are.
+
+    w <- w (1 - lr * weight_decay) - lr * m / (sqrt(v) + eps), with m = beta1 m + (1 - beta1) g and
+    v = beta2 v + (1 - beta2) g^2 (no division by 1 - beta^t).
+    """
+
+    def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if closure is not None:
+            raise ConfigError("AdamWithoutBiasCorrection does not take a closure")
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                state = self.state[param]
+                if not state:
+                    state["m"], state["v"] = torch.zeros_like(param), torch.zeros_like(param)
+                state["m"].mul_(beta1).add_(param.grad, alpha=1 - beta1)
+                state["v"].mul_(beta2).addcmul_(param.grad, param.grad, value=1 - beta2)
+                param.mul_(1 - group["lr"] * group["weight_decay"])
+                param.addcdiv_(state["m"], state["v"].sqrt().add_(group["eps"]), value=-group["lr"])
 
 
 def learning_rate(step: int, config: MoonsTrainConfig) -> float:
@@ -57,7 +94,8 @@ def train_moons(
     """
     torch.manual_seed(train_config.seed)
     model = MoonsMemory(model_config)
-    optimizer = torch.optim.AdamW(
+    adam = torch.optim.AdamW if train_config.bias_correction else AdamWithoutBiasCorrection
+    optimizer = adam(
         model.parameters(),
         lr=train_config.lr,
         betas=(train_config.beta1, train_config.beta2),
