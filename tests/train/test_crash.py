@@ -164,3 +164,38 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_whole_one(tiny_d
     assert main([*args, "--resume"]) == 0
     assert read_trainer_state(run / "checkpoint")["step"] == MAX_STEPS
     assert train_losses(run) == train_losses(uninterrupted)
+
+
+def soak(seeds: list[int]) -> None:
+    """More kill moments than the suite runs: `python tests/train/test_crash.py 1 2 3` runs the test
+    once per seed (4 kills each) and prints the moments and where each timer kill landed."""
+    import tempfile
+
+    from train_support import write_stories
+
+    from memory_mosaics.data import prepare_dataset
+
+    global SEED, kill_after_start
+    torch.set_num_threads(1)
+    root = Path(tempfile.mkdtemp())
+    write_stories(root / "train.txt", 60, seed=0), write_stories(root / "val.txt", 10, seed=1)
+    prepare_dataset(str(root / "train.txt"), root / "data", "byte", val=str(root / "val.txt"))
+    assert main(["train", "--data", str(root / "data"), "--out", str(root / "full"), *FLAGS]) == 0
+    timer_kill = kill_after_start
+
+    def recording_kill(pid: int, run: Path, delay: float) -> None:
+        timer_kill(pid, run, delay)
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.endswith("}")]
+        print(json.dumps({"timer kill after step": rows[-1]["step"] if rows else 0}), flush=True)
+
+    kill_after_start = recording_kill
+    for seed in seeds:
+        SEED = seed
+        (root / str(seed)).mkdir()
+        test_kill_at_random_moments_then_resume(root / "data", root / "full", root / str(seed))
+        print(json.dumps({"seed": seed, "moments survived": kill_moments()}), flush=True)
+    print(f"{4 * len(seeds)} kills, every resumed run bitwise equal to the uninterrupted one")
+
+
+if __name__ == "__main__":
+    soak([int(seed) for seed in sys.argv[1:]] or [SEED])

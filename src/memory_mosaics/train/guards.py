@@ -1,6 +1,6 @@
-"""Guards of a training run: non-finite steps, and models too big for the machine.
+"""Numerical faults of a training run: steps with a NaN or infinite loss or gradient.
 
-Numerical faults. After the gradients of a step are accumulated, the step's loss and the global
+After the gradients of a step are accumulated, the step's loss and the global
 gradient norm are checked (one host sync per step; under torchrun every process takes the same
 decision). A step with a NaN or infinite loss or gradient norm is a *fault*:
 
@@ -22,13 +22,11 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 
 import torch
 from torch import nn
 
-from memory_mosaics.errors import ConfigError, NumericalFaultError
-from memory_mosaics.models.base import min_param_count
+from memory_mosaics.errors import NumericalFaultError
 
 log = logging.getLogger("memory_mosaics.train")
 
@@ -82,38 +80,4 @@ class FaultCounter:
             f"training stopped at step {step}: {self.in_a_row} steps in a row had a non-finite loss or "
             f"gradient (last: {fault}); none of them changed the weights, and {checkpoint}; "
             "lower --lr, use --dtype float32, or raise --max-bad-steps"
-        )
-
-
-# ---------------------------------------------------------------------------------------------------
-# Memory
-
-
-# Bytes per parameter while training with AdamW in float32: weights, gradients, two moments.
-TRAINING_BYTES_PER_PARAM = 16
-
-
-def available_memory(device: torch.device) -> int | None:
-    """Total memory of the device that will hold the model (None when unknown)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def check_fits_in_memory(model_config, device: torch.device) -> None:
-    """Refuse a model whose weights, gradients and AdamW state alone surely exceed the device's memory.
-
-    Uses a lower bound on the parameter count computed from the config (nothing is built), so a typo
-    such as `--n-embd 1000000` fails at once with a clear message instead of exhausting the machine.
-    """
-    params = min_param_count(model_config)
-    needed, have = params * TRAINING_BYTES_PER_PARAM, available_memory(device)
-    if have is not None and needed > have:
-        raise ConfigError(
-            f"the model has at least {params:,} parameters: training it needs more than "
-            f"{needed / 2**30:,.1f} GiB but {device.type} has {have / 2**30:,.1f} GiB; "
-            "use a smaller --n-embd, --n-layer or --vocab-size"
         )

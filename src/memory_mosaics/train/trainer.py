@@ -1,10 +1,11 @@
 """The training loop: windows -> micro-batches -> AdamW step, with evaluation, logging and checkpoints.
 
-`train(...)` checks everything it can (data, configs, output folder) before it writes a byte, so
-bad input leaves nothing behind. A run folder then holds:
+`train(...)` checks everything it can (data, configs, output folder, model size; see checks.py)
+before it writes a byte, so bad input leaves nothing behind. A run folder then holds:
 
     metrics.jsonl       one JSON object per logged step: {"kind": "train", "step", "loss", "lr", ...}
                         and one per evaluation: {"kind": "val", "step", "val_loss", "val_perplexity"}
+                        and one per skipped step: {"kind": "fault", "step", "fault", "bad_steps", ...}
     loss.png            training and validation loss against step, redrawn at each evaluation
     run_config.json     the resolved training and model configs, and the data folder
     checkpoint/         the latest checkpoint (see checkpoint.py)
@@ -34,29 +35,19 @@ from torch.nn.parallel import DistributedDataParallel
 from memory_mosaics.errors import CheckpointError, ConfigError, MosaicError
 from memory_mosaics.train import checkpoint as ckpt
 from memory_mosaics.train import distributed as distrib
-from memory_mosaics.train.config import TrainConfig, build_dataclass
-from memory_mosaics.train.guards import FaultCounter, check_fits_in_memory, grad_norm_and_clip, log
+from memory_mosaics.train.checks import (
+    build_model_config,
+    check_fits_in_memory,
+    check_new_run_dir,
+    check_resume_settings,
+    check_seq_len,
+    make_run_dir,
+    model_classes,
+)
+from memory_mosaics.train.config import TrainConfig
+from memory_mosaics.train.guards import FaultCounter, grad_norm_and_clip, log
 from memory_mosaics.train.optim import lr_at, make_optimizer, set_lr
 from memory_mosaics.train.sampler import WindowSampler, check_length, eval_batches
-
-# Settings that may change when a run is resumed: they do not change what is computed
-# (max_steps does, and is allowed on purpose, to extend a finished run).
-RESUMABLE_CHANGES = {
-    "max_steps",
-    "eval_interval",
-    "eval_batches",
-    "log_interval",
-    "ckpt_interval",
-    "compile",
-    "device",
-    "max_bad_steps",
-}
-
-
-def model_classes(model_type: str):
-    from memory_mosaics import GPT, GPTConfig, MemoryMosaic, MemoryMosaicConfig
-
-    return {"mosaic": (MemoryMosaic, MemoryMosaicConfig), "gpt": (GPT, GPTConfig)}[model_type]
 
 
 def autocast_context(device: torch.device, dtype: str):
@@ -93,78 +84,6 @@ class TrainResult:
     last_val_loss: float | None = None
     tokens_per_s: float | None = None
     history: list[dict] = field(default_factory=list)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Checks done before anything is written
-
-
-def check_new_run_dir(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise MosaicError(f"--out {out} exists and is not a folder; choose another --out")
-    if out.is_dir() and any(out.iterdir()):
-        what = "a training run" if (out / "metrics.jsonl").exists() or (out / ckpt.LATEST).exists() else "files"
-        raise MosaicError(
-            f"--out {out} already holds {what}; pass --resume to continue it, or choose another --out "
-            "(nothing was overwritten)"
-        )
-    for parent in [out, *out.parents]:
-        if parent.exists():
-            if not parent.is_dir():
-                raise MosaicError(f"cannot create --out {out}: {parent} is a file, not a folder")
-            break
-
-
-def make_run_dir(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("ok", encoding="utf-8")
-        probe.unlink()
-    except OSError as err:
-        raise MosaicError(f"cannot write to --out {out}: {err.strerror or err}") from None
-
-
-def build_model_config(model_type: str, settings: dict[str, Any], data_vocab: int):
-    """The model config from preset/flag settings; vocab_size defaults to the data's vocabulary."""
-    _, config_cls = model_classes(model_type)
-    values = dict(settings)
-    values.setdefault("vocab_size", data_vocab)
-    config = build_dataclass(config_cls, values, source=f"{model_type} model config")
-    if config.vocab_size < data_vocab:
-        raise ConfigError(
-            f"the data's tokenizer has {data_vocab} tokens but the model's vocab_size is "
-            f"{config.vocab_size}; "
-            "drop --vocab-size (it defaults to the data's) or prepare the data with a smaller tokenizer"
-        )
-    return config
-
-
-def check_seq_len(seq_len: int, block_size: int) -> None:
-    if seq_len > block_size:
-        raise ConfigError(
-            f"seq_len {seq_len} is larger than the model's block_size {block_size}; "
-            "use --seq-len <= block_size or a model with a larger --block-size"
-        )
-
-
-def check_resume_settings(saved: TrainConfig, wanted: TrainConfig, model_settings: dict, current: dict) -> None:
-    """A resumed run computes what the original run would have; refuse settings that would differ.
-
-    `current` is the model config the run was started with, as a dict."""
-    saved_d, wanted_d = saved.to_dict(), wanted.to_dict()
-    for key, value in wanted_d.items():
-        if key not in RESUMABLE_CHANGES and saved_d[key] != value:
-            raise ConfigError(
-                f"--resume: {key} is {value!r} but the run was started with {saved_d[key]!r}; "
-                "resume with the original settings or start a new run with another --out"
-            )
-    for key, value in model_settings.items():
-        if key in current and current[key] != value:
-            raise ConfigError(
-                f"--resume: model {key} is {value!r} but the checkpoint's model has {current[key]!r}; "
-                "resume with the original settings or start a new run with another --out"
-            )
 
 
 # ---------------------------------------------------------------------------------------------------
