@@ -35,11 +35,12 @@ from memory_mosaics.train.checkpoint import (
 )
 
 MAX_STEPS, CKPT_EVERY = 8, 2
-FLAGS = [
+TRAIN_FLAGS = [
     f"--max-steps={MAX_STEPS}", f"--ckpt-interval={CKPT_EVERY}", "--eval-interval=4", "--eval-batches=1",
     "--batch-size=2", "--lr=3e-3", "--warmup-steps=2", "--seed=11", "--device=cpu", "--no-progress",
-    *[f"--{k.replace('_', '-')}={v}" for k, v in {**TINY_MOSAIC, "dropout": 0.1}.items()],
 ]  # fmt: skip
+MODEL_FLAGS = [f"--{k.replace('_', '-')}={v}" for k, v in {**TINY_MOSAIC, "dropout": 0.1}.items()]
+FLAGS = TRAIN_FLAGS + MODEL_FLAGS
 SEED = 20261128
 
 
@@ -163,6 +164,19 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_whole_one(tiny_d
     assert read_trainer_state(find_resumable(run))["step"] == 2
     assert main([*args, "--resume"]) == 0
     assert read_trainer_state(run / "checkpoint")["step"] == MAX_STEPS
+    assert train_losses(run) == train_losses(uninterrupted)
+
+
+def test_a_run_killed_before_its_first_checkpoint_restarts_from_step_0(tiny_data, uninterrupted, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(tiny_data), "--out", str(run), *FLAGS, "--stop-at=2"]) == 0
+    shutil.rmtree(run / "checkpoint")  # as a kill while the first checkpoint was being written leaves it
+    (run / "checkpoint.tmp").mkdir()
+    (run / "checkpoint.tmp" / "model.safetensors").write_bytes(b"\0" * 10)
+    resume = ["train", "--data", str(tiny_data), "--out", str(run), *TRAIN_FLAGS, "--resume"]
+    assert main([*resume, "--n-embd=32"]) == 2  # the model it was started with, or nothing
+    assert "n_embd is 32" in capsys.readouterr().err
+    assert main(resume) == 0  # the model flags are read from run_config.json, as from a checkpoint
     assert train_losses(run) == train_losses(uninterrupted)
 
 

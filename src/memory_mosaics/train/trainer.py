@@ -116,9 +116,9 @@ class Trainer:
         if self.resume_from is None:
             if not resume:
                 check_new_run_dir(self.out)
-            self.model_config = build_model_config(config.model, self.model_settings, self.data.vocab_size)
-            if resume:  # killed before its first checkpoint: start again, with the same settings
-                self._check_restart_settings()
+                self.model_config = build_model_config(config.model, self.model_settings, self.data.vocab_size)
+            else:  # killed before its first checkpoint: start again, with the model it was started with
+                self.model_config = self._restart_model_config()
         self.seq_len = config.seq_len or self.model_config.block_size
         check_seq_len(self.seq_len, self.model_config.block_size)
         check_length(self.train_tokens, self.seq_len, f"the training split of {data_dir}")
@@ -153,19 +153,19 @@ class Trainer:
         self.saved_state = state
         return folder
 
-    def _check_restart_settings(self) -> None:
+    def _restart_model_config(self):
+        """The model config in run_config.json, after checking the settings given now against it."""
         path = self.out / ckpt.RUN_CONFIG
         try:
             saved = json.loads(path.read_text(encoding="utf-8"))
             train_config = TrainConfig.from_dict(saved["train_config"])
-            model_config = dict(saved["model_config"])
+            model_values = dict(saved["model_config"])
         except (OSError, ValueError, KeyError, TypeError, ConfigError) as err:
             raise CheckpointError(
                 f"cannot resume: {path} is corrupt ({err}); start a new run with another --out"
             ) from None
-        check_resume_settings(train_config, self.config, self.model_settings, model_config)
-        if self.model_config.to_dict() != model_config:
-            raise ConfigError(f"--resume: the model settings differ from those in {path}; pass the original ones")
+        check_resume_settings(train_config, self.config, self.model_settings, model_values)
+        return build_model_config(self.config.model, model_values, self.data.vocab_size)
 
     def _build(self) -> None:
         cfg = self.config
