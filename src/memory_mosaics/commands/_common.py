@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,3 +23,15 @@ def write_json(path: str | os.PathLike[str], payload: Any) -> None:
     except OSError as err:
         tmp.unlink(missing_ok=True)
         raise MosaicError(f"cannot write {target}: {err.strerror or err}") from err
+
+
+def check_writable(path: str | os.PathLike[str], flag: str) -> None:
+    """Fail before the work, not after it: the folder of an output file must exist and take a file."""
+    folder = Path(path).resolve().parent
+    if not folder.is_dir():
+        raise MosaicError(f"cannot write {flag} {path}: folder {folder} does not exist")
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".mosaic-probe-"):
+            pass
+    except OSError as err:
+        raise MosaicError(f"cannot write {flag} {path}: {err.strerror or err}") from err

@@ -96,6 +96,8 @@ def evaluate_run(ckpt: str, args: argparse.Namespace) -> dict:
 
 
 def _check_args(args: argparse.Namespace) -> None:
+    from memory_mosaics.commands._common import check_writable
+
     for name in ("seq_len", "batch_size", "max_windows"):
         value = getattr(args, name)
         if value is not None and value <= 0:
@@ -103,9 +105,8 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.png and not args.per_position:
         raise ConfigError("--png draws the loss-by-position curve; add --per-position")
     for name in ("json", "png"):
-        path = getattr(args, name)
-        if path and not Path(path).resolve().parent.is_dir():
-            raise MosaicError(f"cannot write --{name} {path}: folder {Path(path).parent} does not exist")
+        if getattr(args, name):
+            check_writable(getattr(args, name), f"--{name}")
 
 
 def _print_row(row: dict) -> None:
