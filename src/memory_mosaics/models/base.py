@@ -20,7 +20,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from memory_mosaics.errors import CheckpointError, ConfigError
+from memory_mosaics.errors import CheckpointError, ConfigError, MosaicError
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -77,6 +77,21 @@ class ModelConfig:
         value = getattr(self, name)
         if value not in choices:
             raise ConfigError(f"{type(self).__name__}.{name} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def check_token_ids(idx: Tensor, vocab_size: int) -> None:
+    """A typed error for token ids the embedding cannot look up, instead of torch's IndexError.
+
+    Checked on CPU only: on an accelerator reading min/max back would stall every forward pass, and the
+    embedding kernel asserts there anyway."""
+    if not isinstance(idx, Tensor) or idx.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        kind = idx.dtype if isinstance(idx, Tensor) else type(idx).__name__
+        raise MosaicError(f"idx must be an integer tensor of token ids (batch, tokens), got {kind}")
+    if idx.device.type != "cpu" or idx.numel() == 0 or torch.compiler.is_compiling():
+        return
+    low, high = int(idx.min()), int(idx.max())
+    if low < 0 or high >= vocab_size:
+        raise MosaicError(f"token ids must be in [0, {vocab_size}) for this model, got range [{low}, {high}]")
 
 
 def language_model_loss(logits: Tensor, targets: Tensor | None) -> Tensor | None:

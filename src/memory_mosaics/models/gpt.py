@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from memory_mosaics.errors import MosaicError
-from memory_mosaics.models.base import ModelConfig, PretrainedModel, language_model_loss
+from memory_mosaics.models.base import ModelConfig, PretrainedModel, check_token_ids, language_model_loss
 
 
 @dataclasses.dataclass
@@ -127,6 +127,7 @@ class GPT(PretrainedModel):
         return self.drop(self.wte(idx) + self.wpe(positions))
 
     def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        check_token_ids(idx, self.config.vocab_size)
         x = self.embed(idx)
         for block in self.blocks:
             x = block(x)

@@ -18,7 +18,7 @@ import math
 from torch import Tensor, nn
 
 from memory_mosaics.layers.memory import IMPLEMENTATIONS, VALUE_KINDS, ContextMemory, PersistentMemory
-from memory_mosaics.models.base import ModelConfig, PretrainedModel, language_model_loss
+from memory_mosaics.models.base import ModelConfig, PretrainedModel, check_token_ids, language_model_loss
 
 
 @dataclasses.dataclass
@@ -117,6 +117,7 @@ class MemoryMosaic(PretrainedModel):
         return [self.wte.weight]
 
     def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        check_token_ids(idx, self.config.vocab_size)
         x = self.wte(idx)
         for block in self.blocks:
             x = block(x)
