@@ -115,6 +115,15 @@ def test_absurd_sizes_are_refused_before_anything_is_allocated(saved, tmp_path):
             memory_mosaics.load(folder)
 
 
+def test_a_gpt_position_table_counts_in_the_size_bound(saved, tmp_path):
+    folder = tmp_path / "gpt"
+    shutil.copytree(saved["gpt"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "block_size": 10**12}))
+    with pytest.raises(CheckpointError, match="need at least"):
+        memory_mosaics.load(folder)
+
+
 @pytest.mark.parametrize("model_type", sorted(MODEL_TYPES))
 def test_the_size_bound_never_refuses_a_real_model(model_type):
     """min_param_count is a lower bound for every registered model, so honest checkpoints load."""

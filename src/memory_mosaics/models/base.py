@@ -211,13 +211,15 @@ def read_config(folder: str | os.PathLike[str]) -> tuple[str, dict[str, Any]]:
 def min_param_count(config: ModelConfig) -> int:
     """A cheap lower bound on the parameters of a model with this config, from the contract's field
     names: a vocab_size x n_embd embedding, an n_embd x n_embd matrix in each of n_layer blocks, and
-    pmem_count pmem_size x n_embd persistent memories in each block that has one. Used to refuse absurd sizes
-    before anything is allocated (a GPT's block_size x n_embd position table is not counted)."""
+    pmem_count pmem_size x n_embd persistent memories in each block that has one, and a block_size x n_embd
+    position table where the config says it has one. Used to refuse absurd sizes before anything is
+    allocated."""
     vocab, width, layers = (getattr(config, name, 0) for name in ("vocab_size", "n_embd", "n_layer"))
     slots = (
         0 if getattr(config, "attn_only", False) else getattr(config, "pmem_size", 0) * getattr(config, "pmem_count", 1)
     )
-    return vocab * width + layers * width * (width + slots)
+    positions = getattr(config, "block_size", 0) if getattr(config, "position_table", False) else 0
+    return (vocab + positions) * width + layers * width * (width + slots)
 
 
 def read_weight_shapes(folder: str | os.PathLike[str]) -> dict[str, tuple[int, ...]]:

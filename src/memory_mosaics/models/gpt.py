@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,7 @@ class GPTConfig(ModelConfig):
     n_embd: int = 768
     dropout: float = 0.05
     bias: bool = False
+    position_table: ClassVar[bool] = True  # a block_size x n_embd table of learned positions
 
     def __post_init__(self) -> None:
         self._check_types()
