@@ -3,8 +3,9 @@
 One training step (forward + backward + AdamW) of the benchmark's Memory Mosaic (and, with
 --models, the GPT) at batch 1, in a fresh process per model (see memory_mosaics.bench.memory). A
 dispatch mode records the largest tensor returned by any operator: for a Memory Mosaic it must be far
-below T^2 — the leaky average is a chunked scan and the persistent memory reads in blocks — while
-the context memory's attention is the fused kernel, whose scratch is blocks of T (attention's own).
+below T^2 — the leaky average is a chunked scan and the persistent memory reads through the fused
+attention kernel — while the context memory's attention is the fused kernel, whose scratch is blocks
+of T (attention's own).
 
     python benchmarks/long_context.py     # writes benchmarks/results/long_context.json
 """
