@@ -47,12 +47,17 @@ def register(subparsers) -> None:
             "in --out and skipped when the command runs again. The default run takes about an hour on two "
             "busy CPU cores; --quick is a toy version of a few seconds."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(
-        "--data", default="../shared/data/tinystories", help="train.txt + valid.txt folder, or a prepared folder"
+        "--data",
+        default="../shared/data/tinystories",
+        help="train.txt + valid.txt folder, or a prepared one (default ../shared/data/tinystories)",
     )
-    parser.add_argument("--out", default="runs/reproduce", help="work folder: prepared data, runs, per-job results")
+    parser.add_argument(
+        "--out",
+        default="runs/reproduce",
+        help="work folder: prepared data, runs, per-job results (default runs/reproduce)",
+    )
     parser.add_argument("--depths", type=_int_list, help="comma-separated depths (default 1,2,4)")
     parser.add_argument("--seeds", type=_int_list, help="comma-separated seeds (default 1337,1338)")
     parser.add_argument("--max-steps", type=int, help="optimizer steps of every model (default 600)")
@@ -69,9 +74,13 @@ def register(subparsers) -> None:
         "--rescore-prompts", action="store_true", help="with --report-only: score the prompt suite again with the "
         "saved models (after the suite was edited)"
     )  # fmt: skip
-    parser.add_argument("--json", default="docs/results.json", help="summary JSON to write")
-    parser.add_argument("--markdown", default="docs/results.md", help="report to write ('' for none)")
-    parser.add_argument("--figures", default="docs/figures", help="folder for the PNG figures ('' for none)")
+    parser.add_argument("--json", default="docs/results.json", help="summary JSON to write (default docs/results.json)")
+    parser.add_argument(
+        "--markdown", default="docs/results.md", help="report to write, '' for none (default docs/results.md)"
+    )
+    parser.add_argument(
+        "--figures", default="docs/figures", help="folder for the PNG figures, '' for none (default docs/figures)"
+    )
     parser.set_defaults(run=run)
 
 
