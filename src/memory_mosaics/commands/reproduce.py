@@ -44,8 +44,8 @@ def register(subparsers) -> None:
             "Train a Memory Mosaic and a same-size GPT at each depth on the same tokens and seeds, then "
             "measure validation loss, loss by token position in and out of distribution, a likelihood-ranking "
             "prompt suite and sampled stories. Writes --json, --markdown and figures. Finished jobs are kept "
-            "in --out and skipped when the command runs again. The default run takes about an hour on two "
-            "busy CPU cores; --quick is a toy version of a few seconds."
+            "in --out and skipped when the command runs again. The default run (12 models) took 77 min on two "
+            "CPU cores shared with other work; --quick is a toy version of a few seconds."
         ),
     )
     parser.add_argument(
