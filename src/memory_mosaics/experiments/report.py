@@ -176,9 +176,10 @@ def _loss_table(summary: dict, what: str) -> list[str]:
     for d, e in summary["depths"].items():
         mm, gpt = e[f"mosaic_{what}_seeds"], e[f"gpt_{what}_seeds"]
         diffs = [g - m for g, m in zip(gpt, mm, strict=True)]
-        seeds = ", ".join(map(str, e["seeds"]))
-        rows.append([d, _pm(mm), _pm(gpt), _pm(diffs), f"{sum(x > 0 for x in diffs)}/{len(diffs)}", seeds])
-    return _table(["depth", "Memory Mosaic", "GPT", "GPT − MM", "seeds where MM lower", "seeds"], rows)
+        per_seed = ", ".join(f"{s}: {m:.3f} / {g:.3f}" for s, m, g in zip(e["seeds"], mm, gpt, strict=True))
+        rows.append([d, _pm(mm), _pm(gpt), _pm(diffs), f"{sum(x > 0 for x in diffs)}/{len(diffs)}", per_seed])
+    header = ["depth", "Memory Mosaic", "GPT", "GPT − MM", "seeds where MM lower", "seed: MM / GPT"]
+    return _table(header, rows)
 
 
 def _bucket_table(summary: dict, split: str) -> list[str]:
