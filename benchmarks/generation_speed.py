@@ -21,8 +21,10 @@ several threads fighting over two cores are slower than one.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
+import random
 import statistics
 import sys
 import sysconfig
@@ -199,9 +201,6 @@ def interleaved_latency(model, idx, name: str, options: dict, contexts: list[int
     One prefill passes every context and keeps a copy of the state there; then each round times `steps`
     single-token steps from a fresh copy of every snapshot, in a shuffled order, so that drift in the
     shared machine's load falls on all contexts alike instead of on whichever was measured last."""
-    import copy
-    import random
-
     state, snapshots = model.init_state(1, **options), {}
     for context in contexts:
         prefill(model, state, idx, context, chunk=1024)

@@ -55,7 +55,7 @@ def time_layer(keys, values, query, tables: int, bits: int, layer: int, repeats:
     row = {name: statistics.median(values[1:]) for name, values in samples.items()}
     _, valid = memory.index.candidates(hasher.codes(query), memory.codes)
     row["candidate_fraction"] = float(valid.sum(-1).float().mean()) / memory.filled
-    row["bucket_total_fraction"] = memory.index.bucket_total(hasher.codes(query)) / memory.filled
+    row["bucket_total_fraction"] = memory.index.bucket_total(memory.index.buckets(hasher.codes(query))) / memory.filled
     return row
 
 

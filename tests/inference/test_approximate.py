@@ -151,7 +151,7 @@ def test_lsh_index_finds_exactly_the_scanned_candidates():
             assert candidate_sets(index, valid) == expected, (capacity, t)
             assert int(valid.sum()) == int(scanned.sum())  # no duplicates
             # the bound generation uses to choose between walking buckets and scanning every code
-            assert memory.index.bucket_total(query_codes) >= int(valid.sum(-1).max())
+            assert memory.index.bucket_total(memory.index.buckets(query_codes)) >= int(valid.sum(-1).max())
         assert memory.index.sorted_codes is not None
 
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 import torch
 from torch import nn
 
 from memory_mosaics.errors import ConfigError
+from memory_mosaics.inference.options import EVICTION_POLICIES, RETRIEVAL_METHODS, InferenceOptions
 
 
 def register(subparsers) -> None:
@@ -38,18 +40,18 @@ def register(subparsers) -> None:
         "Bound each context memory or make retrieval approximate; unset options keep the exact, unbounded memory.",
     )
     memory.add_argument("--memory-size", type=int, help="capacity M of each context memory (entries per head)")
-    memory.add_argument("--eviction", choices=["lru", "fifo", "sink+recent"], help="policy when a memory is full")
+    memory.add_argument("--eviction", choices=EVICTION_POLICIES, help="policy when a memory is full")
     memory.add_argument("--sink-size", type=int, help="sink+recent: first entries never evicted")
     memory.add_argument("--lru-threshold", type=float, help="lru: retrieval weight at which an entry counts as used")
-    memory.add_argument("--retrieval", choices=["exact", "lsh", "features"], help="how a query reads the memory")
+    memory.add_argument("--retrieval", choices=RETRIEVAL_METHODS, help="how a query reads the memory")
     memory.add_argument("--lsh-tables", type=int, help="lsh: number of hash tables")
     memory.add_argument("--lsh-bits", type=int, help="lsh: hyperplanes per table")
     memory.add_argument("--num-features", type=int, help="features: random features per head")
     parser.set_defaults(run=run)
 
 
-STATE_OPTIONS = ("memory_size", "eviction", "sink_size", "lru_threshold", "retrieval", "lsh_tables", "lsh_bits",
-                 "num_features")  # fmt: skip
+# Every inference option has a flag of the same name, except the hyperplane/feature seed (--seed draws tokens).
+STATE_OPTIONS = tuple(field.name for field in dataclasses.fields(InferenceOptions) if field.name != "seed")
 
 
 class VocabularyLimit(nn.Module):

@@ -125,18 +125,25 @@ class LSHIndex:
         self.sorted_codes, self.sorted_slots = codes[..., :filled].sort(dim=-1, stable=True)
         self.tail = None
 
-    def bucket_total(self, query_codes: Tensor) -> int:
+    def buckets(self, query_codes: Tensor) -> tuple[Tensor, Tensor] | None:
+        """Where each query's bucket starts in the sorted codes and how many entries it holds, both
+        (B, H, tables, n); None before the first sort."""
+        if self.sorted_codes is None:
+            return None
+        low = torch.searchsorted(self.sorted_codes, query_codes)
+        return low, torch.searchsorted(self.sorted_codes, query_codes, right=True) - low
+
+    def bucket_total(self, buckets: tuple[Tensor, Tensor] | None) -> int:
         """An upper bound on any (row, head)'s number of candidates, from the bucket sizes alone: the sum
         over tables of the sorted bucket sizes plus the tail (a key in several buckets counts each time)."""
         tail = 0 if self.tail is None else self.tail.shape[-1]
-        if self.sorted_codes is None:
-            return tail
-        low = torch.searchsorted(self.sorted_codes, query_codes)
-        high = torch.searchsorted(self.sorted_codes, query_codes, right=True)
-        return int((high - low).sum(dim=(2, 3)).max()) + tail
+        return tail if buckets is None else int(buckets[1].sum(dim=(2, 3)).max()) + tail
 
-    def candidates(self, query_codes: Tensor, codes: Tensor) -> tuple[Tensor, Tensor]:
-        """query_codes (B, H, tables, n) -> slot index (B, H, n, K) and valid (B, H, n, K), no duplicates.
+    def candidates(
+        self, query_codes: Tensor, codes: Tensor, buckets: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """query_codes (B, H, tables, n) -> slot index (B, H, n, K) and valid (B, H, n, K), no duplicates;
+        `buckets` as returned by `buckets(query_codes)`, if the caller has them already.
 
         Trained keys cluster: one bucket of a table can hold a large share of the keys while the others
         are small, so the bucket ranges are read as one ragged list (no padding to the widest bucket)
@@ -145,9 +152,9 @@ class LSHIndex:
         batch, heads, tables, n = query_codes.shape
         capacity = codes.shape[-1]
         found = torch.zeros(batch * heads, n, capacity, dtype=torch.bool, device=query_codes.device)
-        if self.sorted_codes is not None:
-            low = torch.searchsorted(self.sorted_codes, query_codes).flatten()  # (B*H*tables*n,)
-            counts = torch.searchsorted(self.sorted_codes, query_codes, right=True).flatten() - low
+        buckets = self.buckets(query_codes) if buckets is None else buckets
+        if buckets is not None:
+            low, counts = buckets[0].flatten(), buckets[1].flatten()  # (B*H*tables*n,)
             total = int(counts.sum())
             if total:
                 # range r = ((b*H + h)*tables + t)*n + i covers sorted entries low[r] ... low[r]+counts[r]-1

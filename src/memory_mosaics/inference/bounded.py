@@ -225,8 +225,9 @@ class SlotMemory:
         if self.hasher is not None and pairs is None and queries.shape[2] == 1:
             # Generation with LSH: the query's buckets from the sorted index; only those keys are scored.
             query_codes = self.hasher.codes(queries)
-            if self.index.bucket_total(query_codes) * GATHER_LIMIT <= stored:
-                index, valid = self.index.candidates(query_codes, self.codes)
+            buckets = self.index.buckets(query_codes)
+            if self.index.bucket_total(buckets) * GATHER_LIMIT <= stored:
+                index, valid = self.index.candidates(query_codes, self.codes, buckets)
                 reads, weights = candidate_read(queries, self.keys, self.values, index, valid)
                 if tracking:
                     self._mark_used(weights, times, index)

@@ -28,6 +28,7 @@ from memory_mosaics.inference.approximate import HyperplaneHash, RandomFeatureMe
 from memory_mosaics.inference.bounded import SlotMemory, dense_read, make_policy
 from memory_mosaics.inference.options import InferenceOptions
 from memory_mosaics.layers.memory import ContextMemory, PersistentMemory, merge_heads, split_heads
+from memory_mosaics.models.base import check_token_ids
 from memory_mosaics.ops import leaky_average, leaky_average_step
 
 
@@ -148,11 +149,7 @@ def _check_step(model: nn.Module, idx: Tensor, state: object, state_type: type) 
         )
     if idx.shape[1] == 0:
         raise MosaicError("step: idx_chunk holds no tokens; pass at least one token per step")
-    vocab_size = model.config.vocab_size
-    if int(idx.min()) < 0 or int(idx.max()) >= vocab_size:
-        raise MosaicError(
-            f"step: token ids must be in [0, {vocab_size}), got range [{int(idx.min())}, {int(idx.max())}]"
-        )
+    check_token_ids(idx, model.config.vocab_size, every_device=True)
 
 
 # -- Memory Mosaic -------------------------------------------------------------------------------

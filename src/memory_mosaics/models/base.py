@@ -79,15 +79,16 @@ class ModelConfig:
             raise ConfigError(f"{type(self).__name__}.{name} must be one of {', '.join(choices)}, got {value!r}")
 
 
-def check_token_ids(idx: Tensor, vocab_size: int) -> None:
+def check_token_ids(idx: Tensor, vocab_size: int, every_device: bool = False) -> None:
     """A typed error for token ids the embedding cannot look up, instead of torch's IndexError.
 
-    Checked on CPU only: on an accelerator reading min/max back would stall every forward pass, and the
-    embedding kernel asserts there anyway."""
+    The forward pass checks on CPU only (`every_device=False`): on an accelerator, reading min/max back
+    would stall every pass, and the embedding kernel asserts there anyway. Stepping a recurrent state
+    checks on every device: a bad id must be refused before the state changes."""
     if not isinstance(idx, Tensor) or idx.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
         kind = idx.dtype if isinstance(idx, Tensor) else type(idx).__name__
         raise MosaicError(f"idx must be an integer tensor of token ids (batch, tokens), got {kind}")
-    if idx.device.type != "cpu" or idx.numel() == 0 or torch.compiler.is_compiling():
+    if idx.numel() == 0 or torch.compiler.is_compiling() or (idx.device.type != "cpu" and not every_device):
         return
     low, high = int(idx.min()), int(idx.max())
     if low < 0 or high >= vocab_size:
