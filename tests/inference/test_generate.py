@@ -119,7 +119,9 @@ def test_sample_command_streams_and_is_reproducible(tmp_path, capsys):
     assert main([*argv, "--memory-size", "4", "--eviction", "fifo", "--retrieval", "lsh"]) == 0
     assert capsys.readouterr().out.startswith("Tom ")
     assert main([*argv, "--memory-size", "0"]) == 2
-    assert "memory_size must be >= 1" in capsys.readouterr().err
+    refused = capsys.readouterr()
+    assert "memory_size must be >= 1" in refused.err
+    assert refused.out == ""  # nothing echoed before the refusal
 
 
 @torch.no_grad()

@@ -131,6 +131,8 @@ def run(args: argparse.Namespace) -> int:
     if model.config.vocab_size > tokenizer.vocab_size:
         model = VocabularyLimit(model, tokenizer.vocab_size)
     options = state_options(args)
+    if options:  # refuse bad memory options before the prompt is echoed
+        model.init_state(1, **options)
     prompt_ids = [tokenizer.eot_id, *tokenizer.encode(args.prompt)]
     samples = []
     for i in range(args.num_samples):
