@@ -71,6 +71,24 @@ def test_a_work_folder_refuses_results_computed_with_other_settings(tmp_path):
         claim_work_folder(ReproduceConfig(out=str(tmp_path), max_steps=6))
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--data", "{missing}"], "holds neither a prepared data set"),
+        (["--data", str(DATA), "--ood", "{empty}"], "is empty"),
+        (["--data", str(DATA), "--ood", "{missing}"], "does not exist"),
+    ],
+)
+def test_bad_sources_are_refused_before_the_work_folder_is_made(tmp_path, capsys, flags, message):
+    (tmp_path / "empty.txt").write_text("")
+    paths = {"missing": str(tmp_path / "missing"), "empty": str(tmp_path / "empty.txt")}
+    argv = ["reproduce", "--quick", "--out", str(tmp_path / "work"), "--json", str(tmp_path / "r.json")]
+    argv += ["--markdown", str(tmp_path / "r.md"), "--figures", str(tmp_path / "fig")]
+    assert main(argv + [flag.format(**paths) for flag in flags]) == 2
+    assert message in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.txt"]  # nothing written
+
+
 def test_config_refuses_bad_values():
     with pytest.raises(ConfigError, match="depths"):
         ReproduceConfig(depths=(0, 1))

@@ -123,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
     from memory_mosaics.commands._common import write_json
     from memory_mosaics.data import PreparedData
     from memory_mosaics.experiments.lm_depths import (
+        check_sources,
         claim_work_folder,
         finished_rows,
         ood_token_stream,
@@ -139,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
     config = build_config(args)
     torch.set_num_threads(config.threads)
     started = time.perf_counter()
+    check_sources(config)
     claim_work_folder(config)
     data_dir = prepare_data(config)
     manifest = PreparedData.open(data_dir, verify=False).manifest

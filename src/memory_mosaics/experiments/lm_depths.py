@@ -91,19 +91,38 @@ def plan_jobs(config: ReproduceConfig) -> list[Job]:
 # Data
 
 
-def prepare_data(config: ReproduceConfig) -> Path:
-    """The prepared data folder: `config.data` itself when prepared, else OUT/data (made once)."""
-    from memory_mosaics.data.prepare import MANIFEST, prepare_dataset
+def data_source(config: ReproduceConfig) -> tuple[Path, Path] | None:
+    """None when `config.data` is a prepared data set, else its (train.txt, valid.txt)."""
+    from memory_mosaics.data.prepare import MANIFEST
 
     source = Path(config.data)
     if (source / MANIFEST).is_file():
-        return source
+        return None
     train, valid = source / "train.txt", source / "valid.txt"
     if not (train.is_file() and valid.is_file()):
         raise MosaicError(
             f"--data {source} holds neither a prepared data set (manifest.json) nor train.txt and valid.txt; "
             "point it at ../shared/data/tinystories or at a `mosaic prepare` folder"
         )
+    return train, valid
+
+
+def check_sources(config: ReproduceConfig) -> None:
+    """Refuse a bad --data or --ood before anything is written into the work folder."""
+    from memory_mosaics.experiments.ood import check_ood
+
+    data_source(config)
+    check_ood(config.ood)
+
+
+def prepare_data(config: ReproduceConfig) -> Path:
+    """The prepared data folder: `config.data` itself when prepared, else OUT/data (made once)."""
+    from memory_mosaics.data.prepare import MANIFEST, prepare_dataset
+
+    texts = data_source(config)
+    if texts is None:
+        return Path(config.data)
+    train, valid = texts
     docs = f"-docs{config.max_docs}" if config.max_docs else ""
     target = Path(config.out) / f"data-bpe{config.vocab_size}{docs}"
     if not (target / MANIFEST).is_file():

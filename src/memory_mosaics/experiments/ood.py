@@ -58,14 +58,28 @@ def python_docs_documents() -> list[str]:
     return documents
 
 
-def file_documents(path: str | Path) -> list[str]:
-    """Documents of a local corpus file or folder, e.g. a Simple English Wikipedia dump as text."""
+def open_file_corpus(path: str | Path):
+    """A local corpus file or folder, e.g. a Simple English Wikipedia dump as text; opened, not read
+    (a missing, empty or foreign path is refused here)."""
     from memory_mosaics.data import open_corpus
 
     path = Path(path)
     if not path.exists():
         raise MosaicError(f"--ood {path} does not exist; pass {PYTHON_DOCS} or a text/jsonl file or folder")
-    return list(open_corpus(str(path)).documents())
+    return open_corpus(str(path))
+
+
+def file_documents(path: str | Path) -> list[str]:
+    """Documents of a local corpus file or folder."""
+    return list(open_file_corpus(path).documents())
+
+
+def check_ood(spec: str) -> None:
+    """Refuse a bad --ood before a run writes anything, without reading a local corpus through."""
+    if spec == PYTHON_DOCS:
+        python_docs_documents()
+    else:
+        open_file_corpus(spec)
 
 
 def ood_documents(spec: str) -> tuple[str, list[str]]:
