@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-from memory_mosaics.commands._common import write_json
+from memory_mosaics.commands._common import check_writable, write_json
 from memory_mosaics.errors import ConfigError
 
 QUICK = {"lengths": (256,), "rounds": 3}
@@ -95,9 +94,9 @@ def run(args: argparse.Namespace) -> int:
     from memory_mosaics.bench.throughput import run_throughput
 
     settings = settings_from_args(args)
-    for path in (args.json, args.png):
-        if path and not Path(path).parent.exists():
-            raise ConfigError(f"cannot write {path}: folder {Path(path).parent} does not exist")
+    for flag, path in (("--json", args.json), ("--png", args.png)):
+        if path:
+            check_writable(path, flag)
     result = run_throughput(settings, progress=lambda line: print(line, file=sys.stderr, flush=True))
     print(markdown_table(result))
     if args.json:

@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from memory_mosaics.commands._common import write_json
+from memory_mosaics.commands._common import check_writable, write_json
 from memory_mosaics.errors import MosaicError
 
 DEFAULT_TOP_K = 5
@@ -56,11 +56,6 @@ def register(subparsers) -> None:
     parser.set_defaults(run=run)
 
 
-def _check_output(path: str | None, flag: str) -> None:
-    if path is not None and not Path(path).parent.is_dir():
-        raise MosaicError(f"{flag} {path}: folder {Path(path).parent} does not exist; create it first")
-
-
 def _read_ids(args: argparse.Namespace, tokenizer, vocab_size: int) -> list[int]:
     from memory_mosaics.inspect.source import encode_text, parse_ids
 
@@ -91,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
     if args.max_tokens < 1:
         raise MosaicError(f"--max-tokens must be >= 1, got {args.max_tokens}")
     for path, flag in ((args.html, "--html"), (args.json, "--json"), (args.png, "--png")):
-        _check_output(path, flag)
+        if path is not None:
+            check_writable(path, flag)
 
     model, folder = load_mosaic(args.ckpt)
     tokenizer = load_tokenizer_near(folder, args.ckpt)

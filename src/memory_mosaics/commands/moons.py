@@ -11,7 +11,7 @@ import argparse
 import time
 from pathlib import Path
 
-from memory_mosaics.commands._common import write_json
+from memory_mosaics.commands._common import check_writable, write_json
 from memory_mosaics.errors import ConfigError
 
 # --quick: short training on shorter windows, a coarser error curve. Enough for the qualitative result
@@ -85,8 +85,8 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a folder")
-    if args.json and not Path(args.json).resolve().parent.is_dir():
-        raise ConfigError(f"--json {args.json}: folder {Path(args.json).parent} does not exist; create it first")
+    if args.json:
+        check_writable(args.json, "--json")
     bars: dict[str, tqdm] = {}
 
     def on_step(label: str, step: int, loss: float) -> None:

@@ -111,10 +111,11 @@ def command_line(args: argparse.Namespace, config) -> str:
 
 
 def _check_outputs(args: argparse.Namespace) -> None:
+    from memory_mosaics.commands._common import check_writable
+
     for name in ("json", "markdown"):
-        path = getattr(args, name)
-        if path and not Path(path).resolve().parent.is_dir():
-            raise ConfigError(f"cannot write --{name} {path}: folder {Path(path).parent} does not exist")
+        if getattr(args, name):
+            check_writable(getattr(args, name), f"--{name}")
 
 
 def run(args: argparse.Namespace) -> int:
