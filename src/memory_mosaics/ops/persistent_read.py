@@ -1,13 +1,15 @@
 """Persistent-memory retrieval on CPUs: a softmax over every slot, in blocks of rows, by hand.
 
 No longer on the model's path: the fused attention kernel, called once per table on the folded
-queries (`retrieval.persistent_retrieval`), measured faster on CPUs and keeps O(T) memory too. This
-form stays, tested, as the baseline that `benchmarks/ablation.py` measures that change against.
+queries (`retrieval.persistent_retrieval`), keeps O(T) memory and, in bf16, its scores in float32.
+This form writes the scores as products in the input dtype, so in bf16 each is rounded to 8 bits
+(a score of 30, as in trained models, moves by up to 0.06 before the exponential). It stays, tested,
+as the baseline that `benchmarks/ablation.py` measures the fused read against (docs/performance.md).
 
 The tables are shared by the whole batch, so batch and time fold into one long matrix of queries per
-head, and retrieval is two large matrix products per table and block of rows (the fused attention
-kernel runs far below matrix-product speed on CPUs). The softmax weights are B x H x T x P numbers —
-at T = 4096 with P = 896 slots per head, 470 MB per layer in bfloat16 — so this function chooses:
+head, and retrieval is two large matrix products per table and block of rows. The softmax weights are
+B x H x T x P numbers — at T = 4096 with P = 896 slots per head, 470 MB per layer in bfloat16 — so this
+function chooses:
 
 - when the weights of the whole batch fit in `save_budget` elements, keep them for the backward pass
   (the fastest: the backward reads them);
@@ -15,9 +17,10 @@ at T = 4096 with P = 896 slots per head, 470 MB per layer in bfloat16 — so thi
   pass, as flash attention does (one more matrix product and exponential; memory O(T), not O(T P)).
 
 When recomputing, no more than `block_elements` scores exist at once. The backward pass of softmax retrieval:
-    dV = W^T dO,  dW = dO V^T,  dS = W * (dW - rowsum(W * dW)),  dQ = dS K,  dK = dS^T Q
-accumulated over blocks in (at least) float32 for the tables. Shapes: queries (H, N, d) with N = batch x time;
-memory tables (count, H, P, d); output (H, N, d), the average over tables.
+    dV = W^T dO,  dW = dO V^T,  dS = W * (dW - <dO, O>),  dQ = dS K,  dK = dS^T Q
+(rowsum(W * dW) = <dO, O> per row, O = W V), accumulated over blocks in (at least) float32 for the
+tables. Shapes: queries (H, N, d) with N = batch x time; memory tables (count, H, P, d); output (H, N, d),
+the average over tables.
 """
 
 from __future__ import annotations
@@ -61,44 +64,55 @@ class PersistentRead(torch.autograd.Function):
         save_weights = count * heads * rows * slots <= save_budget
         # Kept weights all exist at once anyway: blocks would only make the products smaller.
         blocks = [slice(0, rows)] if save_weights else _row_blocks(heads, rows, slots, block_elements)
-        outputs, kept = [], []
         # Measured on CPU (fp32 and bf16): a product with a contiguous (d, P) right factor runs twice
         # as fast as with the transposed view of the (P, d) table.
         keys_t = keys.transpose(-1, -2).contiguous()
+        reads, kept = [[] for _ in range(count)], []
         for block in blocks:
-            out = None
             for table in range(count):
                 weights, lse = _softmax_weights(queries[:, block], keys_t[table], with_lse=not save_weights)
-                read = torch.bmm(weights, values[table])
-                out = read if out is None else out.add_(read)
+                reads[table].append(torch.bmm(weights, values[table]))
                 kept.append(weights if save_weights else lse)
-            outputs.append(out / count if count > 1 else out)
-        ctx.save_for_backward(queries, keys, values, *kept)
+        # Each table's read is kept (O(N d)): the backward pass needs rowsum(W * dW) = <dO, O> per table.
+        reads = [parts[0] if len(parts) == 1 else torch.cat(parts, dim=1) for parts in reads]
+        ctx.save_for_backward(queries, keys, values, *reads, *kept)
         ctx.save_weights, ctx.blocks = save_weights, blocks
-        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+        if count == 1:
+            return reads[0].clone()  # not the saved tensor itself: a caller may modify its output in place
+        return torch.stack(reads).mean(dim=0)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        queries, keys, values, *kept = ctx.saved_tensors
+        queries, keys, values, *saved = ctx.saved_tensors
         count = keys.shape[0]
+        reads, kept = saved[:count], saved[count:]
         if count > 1:
             grad_out = grad_out / count
         acc = torch.promote_types(keys.dtype, torch.float32)  # sums over blocks: at least float32
+        # softmax backward: dS = W * (dW - rowsum(W * dW)) with dW = dO V^T, and rowsum(W * dW) = <dO, O>
+        # per row (O = W V, this table's read). The subtraction rides in the product that makes dW: a
+        # column -<dO, O> appended to dO meets a row of ones appended to V^T. So the (n, P) matrices are
+        # written once by that product and passed over once by the multiplication with W, where
+        # softmax's own backward (and `baddbmm` with a broadcast row term, which first copies it into
+        # the whole output) each take another full pass.
+        row_dots = [(grad_out.to(acc) * read.to(acc)).sum(-1, keepdim=True).to(keys.dtype) for read in reads]
+        values_t = values.transpose(-1, -2)
+        ones = values_t.new_ones(count, values_t.shape[1], 1, values_t.shape[-1])
+        values_t = torch.cat([values_t, ones], dim=-2)  # (count, H, d + 1, P), contiguous
         grad_keys = torch.zeros(keys.shape, dtype=acc, device=keys.device)
         grad_values = torch.zeros(values.shape, dtype=acc, device=values.device)
         grad_queries, kept_iter = [], iter(kept)
         keys_t = keys.transpose(-1, -2).contiguous() if not ctx.save_weights else None
-        values_t = values.transpose(-1, -2).contiguous()
         for block in ctx.blocks:
             q, g = queries[:, block], grad_out[:, block]
             grad_q = None
             for table in range(count):
-                saved = next(kept_iter)
-                weights = saved if ctx.save_weights else _recompute_weights(q, keys_t[table], saved)
+                saved_block = next(kept_iter)
+                weights = saved_block if ctx.save_weights else _recompute_weights(q, keys_t[table], saved_block)
                 # Products ordered so that the big (n, P) factor is read in its stored order.
                 grad_values[table] += torch.bmm(g.transpose(-1, -2), weights).transpose(-1, -2)
-                grad_weights = torch.bmm(g, values_t[table])
-                grad_scores = torch._softmax_backward_data(grad_weights, weights, -1, weights.dtype)
+                g_and_dot = torch.cat([g, -row_dots[table][:, block]], dim=-1)  # (H, n, d + 1)
+                grad_scores = torch.bmm(g_and_dot, values_t[table]).mul_(weights)
                 step = torch.bmm(grad_scores, keys[table])
                 grad_q = step if grad_q is None else grad_q.add_(step)
                 grad_keys[table] += torch.bmm(q.transpose(-1, -2), grad_scores).transpose(-1, -2)

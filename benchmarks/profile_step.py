@@ -1,0 +1,99 @@
+"""Where a training step's time goes: MemoryMosaic against GPT, operator by operator.
+
+Runs the `mosaic bench` step (forward + backward + AdamW, n_layer 4, n_embd 256, n_head 4, vocab 4096,
+batch 8) of both models under the PyTorch profiler, sums each operator's own CPU time per step by
+operator and input shape, and sorts it into groups a reader can compare:
+
+- fused attention split by caller: the context memory's causal read (T - v_shift queries), the
+  persistent memory's read (the batch folded into one sequence of queries against P slots) and the
+  GPT's causal attention (T queries);
+- matrix products (mm, addmm, bmm, baddbmm), the loss (log-softmax forward and backward), and the rest
+  (elementwise work, copies, normalisations, the optimiser).
+
+Profiler times are inflated for models with many small operators (the Memory Mosaic), so the ratio of
+totals here is lower than `mosaic bench`'s; use it to see *where* the difference is, not how large.
+
+    python benchmarks/profile_step.py --length 256 --dtype bfloat16   # -> results/profile_step_256_bfloat16.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from memory_mosaics.bench.throughput import ThroughputSettings, build_model, training_step
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PRODUCTS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::baddbmm_"}
+LOSS = {"aten::_log_softmax", "aten::_log_softmax_backward_data"}
+
+
+def group(name: str, shapes: list, length: int) -> str:
+    if "scaled_dot_product" in name:
+        queries = shapes[0] if shapes and shapes[0] else []
+        if len(queries) == 4 and queries[0] == 1 and queries[2] > length:
+            return "fused attention: persistent read"
+        if len(queries) == 4 and queries[2] < length:
+            return "fused attention: context read"
+        return "fused attention: causal self-attention"
+    if name in PRODUCTS:
+        return "matrix products"
+    if name in LOSS:
+        return "loss (log-softmax)"
+    return "other"
+
+
+def profile_model(name: str, length: int, dtype: str, steps: int) -> dict:
+    settings = ThroughputSettings()
+    step = training_step(build_model(name, settings, length), settings, length, dtype)
+    for _ in range(2):
+        step()
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for _ in range(steps):
+            step()
+    operators, groups = collections.Counter(), collections.Counter()
+    for event in prof.key_averages(group_by_input_shape=True):
+        ms = event.self_cpu_time_total / steps / 1000
+        operators[f"{event.key} {event.input_shapes}"] += ms
+        groups[group(event.key, event.input_shapes, length)] += ms
+    return {"ms_per_step": sum(groups.values()), "groups": dict(groups), "operators": dict(operators)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--length", type=int, default=256)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--steps", type=int, default=3, help="profiled steps per model (after 2 untimed)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--top", type=int, default=25, help="operators with the largest differences to print")
+    parser.add_argument("--json", default=None, help="default results/profile_step_<length>_<dtype>.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    result = {m: profile_model(m, args.length, args.dtype, args.steps) for m in ("mosaic", "gpt")}
+    mosaic, gpt = result["mosaic"], result["gpt"]
+
+    print(f"T={args.length} {args.dtype}, profiler ms per step (self CPU time): mosaic / gpt")
+    for name in sorted(set(mosaic["groups"]) | set(gpt["groups"])):
+        print(f"  {name:40s} {mosaic['groups'].get(name, 0):8.1f} {gpt['groups'].get(name, 0):8.1f}")
+    print(f"  {'total':40s} {mosaic['ms_per_step']:8.1f} {gpt['ms_per_step']:8.1f}")
+    operators = set(mosaic["operators"]) | set(gpt["operators"])
+    difference = lambda op: mosaic["operators"].get(op, 0) - gpt["operators"].get(op, 0)  # noqa: E731
+    print("largest differences (mosaic - gpt), ms per step:")
+    for op in sorted(operators, key=lambda op: -abs(difference(op)))[: args.top]:
+        print(f"  {difference(op):+8.1f}  {op[:150]}")
+
+    path = Path(args.json or RESULTS / f"profile_step_{args.length}_{args.dtype}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"length": args.length, "dtype": args.dtype, "threads": args.threads, "steps": args.steps, **result}
+    path.write_text(json.dumps(payload, indent=1) + "\n")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
