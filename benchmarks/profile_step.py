@@ -95,6 +95,8 @@ def main() -> int:
     parser.add_argument("--top", type=int, default=25, help="operators with the largest differences to print")
     parser.add_argument("--json", default=None, help="default results/profile_step_<length>_<dtype>.json")
     args = parser.parse_args()
+    if args.length < 2 or args.rounds < 1 or args.threads < 1 or args.top < 0:
+        parser.error("--length must be at least 2, --rounds and --threads at least 1, --top at least 0")
     torch.set_num_threads(args.threads)
     result = profile_models(args.length, args.dtype, args.rounds)
     mosaic, gpt = result["mosaic"], result["gpt"]
