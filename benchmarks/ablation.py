@@ -26,7 +26,12 @@ import torch.nn.functional as F
 import memory_mosaics.layers.memory as memory_layers
 import memory_mosaics.models.memory_mosaic as mosaic_model
 from memory_mosaics.bench.throughput import ThroughputSettings, build_model, training_step
-from memory_mosaics.ops import context_retrieval, leaky_average_reference, scaled_normalize_reference
+from memory_mosaics.ops import (
+    context_retrieval,
+    leaky_average_reference,
+    persistent_read_cpu,
+    scaled_normalize_reference,
+)
 from memory_mosaics.ops import leaky_average as leaky_average_now
 from memory_mosaics.ops.leaky_average import _decay_matrix, _decay_powers
 
@@ -108,6 +113,7 @@ VARIANTS = {
     "normalisation by autograd": [(memory_layers, "normalize_and_scale", normalize_plain)],
     "persistent read by autograd": [(memory_layers, "persistent_retrieval", persistent_retrieval_materialised)],
     "persistent read by blocked products": [(memory_layers, "persistent_retrieval", persistent_retrieval_blocked)],
+    "persistent read by fused attention (no compiled kernel)": [(persistent_read_cpu, "usable", lambda *a, **k: False)],
     "unfused context projections": [(memory_layers.ContextMemory, "forward", context_forward_unfused)],
     "output scale on reads": [(memory_layers.PersistentMemory, "read", persistent_read_scaling_reads)],
     "logit scale on logits": [(mosaic_model.MemoryMosaic, "forward", forward_scaling_logits)],

@@ -1,0 +1,216 @@
+// Persistent-memory read on CPUs with AMX, bf16: out = softmax(q k^T) v per head, forward and backward.
+//
+// Plain twin: memory_mosaics.ops.retrieval.persistent_retrieval_reference. Python side, loading and
+// fallback: memory_mosaics/ops/persistent_read_cpu.py. Shapes: q (H, N, d) with the batch folded into
+// N, k and v (H, P, d), all bf16 and contiguous; d and P multiples of 64.
+//
+// Why a kernel: on CPUs PyTorch's fused attention spends most of this read's backward pass in
+// elementwise work on the (N, P) weights. Here each block of query rows is done in one pass that stays
+// in the L2 cache: scores and their gradient in float32 (products by oneDNN's brgemm micro-kernel with
+// bf16 operands packed once per head), the exponential, the softmax backward and the bf16 conversion
+// fused in one vectorised loop, and dK, dV accumulated in float32 over the blocks.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/native/CPUBlas.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+namespace {
+
+using at::BFloat16;
+using Vec = at::vec::Vectorized<float>;
+namespace cpublas = at::native::cpublas;
+
+constexpr int64_t PANEL = 64;  // brgemm multiplies by packed right factors 64 columns at a time
+
+// A row-major (K x N) bf16 matrix with row stride ld -> N / 64 packed (K x 64) panels, one after another.
+void pack_panels(int64_t K, int64_t N, int64_t ld, const BFloat16* in, BFloat16* out) {
+  for (int64_t c = 0; c < N; c += PANEL) {
+    cpublas::pack(K, PANEL, ld, PANEL, at::kBFloat16, at::kBFloat16, in + c, out + c * K);
+  }
+}
+
+// Rows 2i and 2i+1 of a row-major bf16 matrix -> pair i of its packed panels. The packed layout is
+// (K / 2, 64, 2): consecutive rows interleaved element by element (checked by the tests through the
+// results: a wrong layout gives wrong gradients for k and v).
+void pack_row_pair(const BFloat16* row0, const BFloat16* row1, int64_t N, int64_t K, int64_t pair,
+                   BFloat16* panels) {
+  const auto* a = reinterpret_cast<const uint16_t*>(row0);
+  const auto* b = reinterpret_cast<const uint16_t*>(row1);
+  for (int64_t c = 0; c < N; c += PANEL) {
+    auto* out = reinterpret_cast<uint32_t*>(panels + c * K + pair * 2 * PANEL);
+    for (int64_t n = 0; n < PANEL; ++n) out[n] = uint32_t(a[c + n]) | (uint32_t(b[c + n]) << 16);
+  }
+}
+
+// C (M x N, row stride ldc) = A (M x K, row stride lda) times packed panels [+ C when accumulate].
+void multiply(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldc, bool accumulate, const BFloat16* A,
+              const BFloat16* panels, float* C) {
+  for (int64_t c = 0; c < N; c += PANEL) {
+    cpublas::brgemm(M, PANEL, K, lda, PANEL, ldc, accumulate, A, panels + c * K, C + c);
+  }
+}
+
+float horizontal_max(Vec v) {
+  float lanes[Vec::size()];
+  v.store(lanes);
+  return *std::max_element(lanes, lanes + Vec::size());
+}
+
+float horizontal_sum(Vec v) {
+  float lanes[Vec::size()];
+  v.store(lanes);
+  float total = 0.f;
+  for (float lane : lanes) total += lane;
+  return total;
+}
+
+void check_inputs(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, int64_t block_rows) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "q, k, v must be (H, N, d), (H, P, d), (H, P, d)");
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 &&
+                  v.scalar_type() == at::kBFloat16, "bf16 only");
+  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous(), "contiguous inputs only");
+  TORCH_CHECK(k.sizes() == v.sizes() && q.size(0) == k.size(0) && q.size(2) == k.size(2), "shape mismatch");
+  TORCH_CHECK(q.size(2) % PANEL == 0 && k.size(1) % PANEL == 0, "d and P must be multiples of 64");
+  TORCH_CHECK(block_rows > 0 && block_rows % 2 == 0, "block_rows must be even and positive");
+}
+
+}  // namespace
+
+// Returns out (H, N, d) bf16 and the rows' log-sum-exp (H, N) float32.
+std::vector<torch::Tensor> forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, int64_t block_rows) {
+  check_inputs(q, k, v, block_rows);
+  const int64_t H = q.size(0), N = q.size(1), d = q.size(2), P = k.size(1);
+  auto out = torch::empty_like(q);
+  auto lse = torch::empty({H, N}, q.options().dtype(torch::kFloat));
+  auto k_t = k.transpose(1, 2).contiguous();  // (H, d, P)
+  const BFloat16 *qp = q.data_ptr<BFloat16>(), *kp = k_t.data_ptr<BFloat16>(), *vp = v.data_ptr<BFloat16>();
+  BFloat16* op = out.data_ptr<BFloat16>();
+  float* lp = lse.data_ptr<float>();
+  at::parallel_for(0, H, 1, [&](int64_t begin, int64_t end) {
+    const int64_t R = block_rows;
+    std::vector<float> scores(R * P), read(R * d);
+    std::vector<BFloat16> weights(R * P), keys_packed(d * P), values_packed(P * d);
+    for (int64_t h = begin; h < end; ++h) {
+      pack_panels(d, P, P, kp + h * d * P, keys_packed.data());
+      pack_panels(P, d, d, vp + h * P * d, values_packed.data());
+      for (int64_t m = 0; m < N; m += R) {
+        const int64_t rows = std::min(R, N - m);
+        multiply(rows, P, d, d, P, false, qp + (h * N + m) * d, keys_packed.data(), scores.data());
+        for (int64_t r = 0; r < rows; ++r) {
+          float* s = scores.data() + r * P;
+          Vec vmax(-std::numeric_limits<float>::infinity());
+          for (int64_t j = 0; j < P; j += Vec::size()) vmax = at::vec::maximum(vmax, Vec::loadu(s + j));
+          const float row_max = horizontal_max(vmax);
+          Vec vsum(0.f);
+          for (int64_t j = 0; j < P; j += Vec::size()) {
+            Vec e = (Vec::loadu(s + j) - Vec(row_max)).exp_u20();
+            e.store(s + j);
+            vsum = vsum + e;
+          }
+          const float total = horizontal_sum(vsum);
+          const Vec inverse(1.f / total);
+          for (int64_t j = 0; j < P; j += Vec::size()) (Vec::loadu(s + j) * inverse).store(s + j);
+          at::vec::convert(s, weights.data() + r * P, P);
+          lp[h * N + m + r] = row_max + std::log(total);
+        }
+        multiply(rows, d, P, P, d, false, weights.data(), values_packed.data(), read.data());
+        at::vec::convert(read.data(), op + (h * N + m) * d, rows * d);
+      }
+    }
+    cpublas::brgemm_release();
+  });
+  return {out, lse};
+}
+
+// Returns dq (H, N, d) bf16 and the transposes of dk, dv as (H, d, P) float32.
+std::vector<torch::Tensor> backward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor out,
+                                    torch::Tensor lse, torch::Tensor grad_out, int64_t block_rows) {
+  check_inputs(q, k, v, block_rows);
+  TORCH_CHECK(out.sizes() == q.sizes() && grad_out.sizes() == q.sizes() && out.is_contiguous() &&
+                  grad_out.is_contiguous() && grad_out.scalar_type() == at::kBFloat16,
+              "out and grad_out must be contiguous bf16 like q");
+  const int64_t H = q.size(0), N = q.size(1), d = q.size(2), P = k.size(1);
+  auto grad_q = torch::empty_like(q);
+  auto grad_k_t = torch::zeros({H, d, P}, q.options().dtype(torch::kFloat));
+  auto grad_v_t = torch::zeros({H, d, P}, q.options().dtype(torch::kFloat));
+  auto k_t = k.transpose(1, 2).contiguous(), v_t = v.transpose(1, 2).contiguous();
+  const BFloat16 *qp = q.data_ptr<BFloat16>(), *kp = k.data_ptr<BFloat16>(), *ktp = k_t.data_ptr<BFloat16>();
+  const BFloat16 *vtp = v_t.data_ptr<BFloat16>(), *op = out.data_ptr<BFloat16>();
+  const BFloat16* gp = grad_out.data_ptr<BFloat16>();
+  const float* lp = lse.data_ptr<float>();
+  BFloat16* dqp = grad_q.data_ptr<BFloat16>();
+  float *dktp = grad_k_t.data_ptr<float>(), *dvtp = grad_v_t.data_ptr<float>();
+  at::parallel_for(0, H, 1, [&](int64_t begin, int64_t end) {
+    const int64_t R = block_rows;
+    std::vector<float> weights(R * P), grad_scores(R * P), row_dot(R), grad_q_rows(R * d);
+    std::vector<BFloat16> weights_bf(R * P), grad_scores_bf(R * P), weights_packed(R * P),
+        grad_scores_packed(R * P), grad_t(d * R), q_t(d * R), keys_t_packed(d * P), values_t_packed(d * P),
+        keys_packed(P * d);
+    for (int64_t h = begin; h < end; ++h) {
+      const BFloat16 *qh = qp + h * N * d, *gh = gp + h * N * d, *oh = op + h * N * d;
+      const float* lh = lp + h * N;
+      pack_panels(d, P, P, ktp + h * d * P, keys_t_packed.data());
+      pack_panels(d, P, P, vtp + h * d * P, values_t_packed.data());
+      pack_panels(P, d, d, kp + h * P * d, keys_packed.data());
+      for (int64_t m = 0; m < N; m += R) {
+        const int64_t rows = std::min(R, N - m);
+        const int64_t even_rows = rows + (rows & 1);  // the inner size of the dK, dV products must be even
+        for (int64_t r = 0; r < rows; ++r) {
+          // rowsum(W * dW) = <dO, O> for this row; dO and q transposed for the dV and dK products
+          float dot = 0.f;
+          const BFloat16 *g_row = gh + (m + r) * d, *o_row = oh + (m + r) * d, *q_row = qh + (m + r) * d;
+          for (int64_t e = 0; e < d; ++e) {
+            dot += float(g_row[e]) * float(o_row[e]);
+            grad_t[e * R + r] = g_row[e];
+            q_t[e * R + r] = q_row[e];
+          }
+          row_dot[r] = dot;
+        }
+        if (even_rows != rows) {  // a zero row pairs with the last one
+          for (int64_t e = 0; e < d; ++e) grad_t[e * R + rows] = q_t[e * R + rows] = BFloat16(0.f);
+          std::fill_n(weights_bf.data() + rows * P, P, BFloat16(0.f));
+          std::fill_n(grad_scores_bf.data() + rows * P, P, BFloat16(0.f));
+        }
+        multiply(rows, P, d, d, P, false, qh + m * d, keys_t_packed.data(), weights.data());       // S
+        multiply(rows, P, d, d, P, false, gh + m * d, values_t_packed.data(), grad_scores.data());  // dW
+        for (int64_t r = 0; r < rows; ++r) {
+          float *w = weights.data() + r * P, *gs = grad_scores.data() + r * P;
+          const Vec row_lse(lh[m + r]), dot(row_dot[r]);
+          for (int64_t j = 0; j < P; j += Vec::size()) {
+            Vec p = (Vec::loadu(w + j) - row_lse).exp_u20();  // W = exp(S - lse)
+            p.store(w + j);
+            (p * (Vec::loadu(gs + j) - dot)).store(gs + j);  // dS = W (dW - <dO, O>)
+          }
+          at::vec::convert(w, weights_bf.data() + r * P, P);
+          at::vec::convert(gs, grad_scores_bf.data() + r * P, P);
+        }
+        for (int64_t r = 0; r < even_rows; r += 2) {
+          pack_row_pair(weights_bf.data() + r * P, weights_bf.data() + (r + 1) * P, P, even_rows, r / 2,
+                        weights_packed.data());
+          pack_row_pair(grad_scores_bf.data() + r * P, grad_scores_bf.data() + (r + 1) * P, P, even_rows,
+                        r / 2, grad_scores_packed.data());
+        }
+        multiply(d, P, even_rows, R, P, true, grad_t.data(), weights_packed.data(), dvtp + h * d * P);  // dV^T
+        multiply(d, P, even_rows, R, P, true, q_t.data(), grad_scores_packed.data(), dktp + h * d * P);  // dK^T
+        multiply(rows, d, P, P, d, false, grad_scores_bf.data(), keys_packed.data(), grad_q_rows.data());  // dQ
+        at::vec::convert(grad_q_rows.data(), dqp + (h * N + m) * d, rows * d);
+      }
+    }
+    cpublas::brgemm_release();
+  });
+  return {grad_q, grad_k_t, grad_v_t};
+}
+
+bool supported() { return cpublas::could_pack(at::kBFloat16); }
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &forward, "persistent read, forward");
+  m.def("backward", &backward, "persistent read, backward");
+  m.def("supported", &supported, "whether this CPU runs the packed bf16 micro-kernels");
+}

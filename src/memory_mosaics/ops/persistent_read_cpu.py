@@ -1,0 +1,101 @@
+"""The persistent-memory read as a compiled CPU kernel (bf16, CPUs with AMX), with a plain fallback.
+
+`csrc/persistent_read_cpu.cpp` computes softmax(q k^T) v for folded queries (H, N, d) against one table
+(H, P, d), forward and backward, block by block of query rows, with scores and their gradients in
+float32 and the products in oneDNN's bf16 micro-kernels (docs/performance.md measures it against the
+fused attention kernel that is used otherwise). It is compiled on first use with PyTorch's C++
+extension builder (about 40 s; cached under torch's extension folder) and used only where it can run:
+
+- the CPU packs bf16 for the micro-kernels (AMX), the compiler and `ninja` are there, and the build
+  succeeds — otherwise `kernel()` returns None once and callers keep the fused attention path;
+- bf16 inputs, d and P multiples of 64, no dropout (the callers check; see `usable`).
+
+`MOSAIC_CPU_KERNEL=0` turns it off. The plain twin it is tested against is
+`retrieval.persistent_retrieval_reference`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+logger = logging.getLogger(__name__)
+SOURCE = Path(__file__).resolve().parent / "csrc" / "persistent_read_cpu.cpp"
+BLOCK_ROWS = 128  # query rows per block: the block's float32 scores and gradients (2 x 128 x P) stay in L2
+PANEL = 64
+# AVX-512 code, and ATen's vector types in their AVX-512 form (without the CPU_CAPABILITY macros they
+# fall back to scalar loops: measured 27 ms instead of 4 for the elementwise part of one backward).
+COMPILE_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"]
+COMPILE_FLAGS += ["-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512"]
+
+
+def enabled() -> bool:
+    return os.environ.get("MOSAIC_CPU_KERNEL", "1") != "0"
+
+
+@lru_cache(maxsize=1)
+def kernel():
+    """The compiled module, or None where it cannot be built or run here (the reason is logged)."""
+    if not enabled():
+        return None
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability != "AVX512":
+        logger.info("persistent-read CPU kernel off: needs AVX-512 (this CPU: %s)", capability)
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        module = load(
+            name="memory_mosaics_persistent_read_cpu",
+            sources=[str(SOURCE)],
+            extra_cflags=COMPILE_FLAGS,
+            verbose=False,
+        )
+    except Exception as error:  # no compiler, no ninja, unwritable cache: keep the fused attention path
+        logger.info("persistent-read CPU kernel off: the build failed (%s)", str(error).splitlines()[0][:200])
+        return None
+    if not module.supported():
+        logger.info("persistent-read CPU kernel off: this CPU has no packed bf16 micro-kernels (AMX)")
+        return None
+    return module
+
+
+def usable(queries: Tensor, memory_keys: Tensor, dropout: bool) -> bool:
+    """Whether the kernel applies to this call (before building it): CPU, bf16, sizes in 64s, no dropout."""
+    return (
+        enabled()
+        and not dropout
+        and queries.device.type == "cpu"
+        and queries.dtype == torch.bfloat16
+        and queries.shape[-1] % PANEL == 0
+        and memory_keys.shape[-2] % PANEL == 0
+        and kernel() is not None
+    )
+
+
+class PersistentReadCPU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, queries: Tensor, keys: Tensor, values: Tensor) -> Tensor:
+        queries, keys, values = queries.contiguous(), keys.contiguous(), values.contiguous()
+        out, lse = kernel().forward(queries, keys, values, BLOCK_ROWS)
+        ctx.save_for_backward(queries, keys, values, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        queries, keys, values, out, lse = ctx.saved_tensors
+        grad_queries, grad_keys_t, grad_values_t = kernel().backward(
+            queries, keys, values, out, lse, grad_out.contiguous(), BLOCK_ROWS
+        )
+        # dK and dV come as float32 (H, d, P) sums over every query; autograd casts them to the tables' dtype.
+        return grad_queries, grad_keys_t.transpose(1, 2), grad_values_t.transpose(1, 2)
+
+
+def persistent_read_cpu(queries: Tensor, keys: Tensor, values: Tensor) -> Tensor:
+    """softmax(queries keys^T) values for (H, N, d) queries and one (H, P, d) table, all bf16."""
+    return PersistentReadCPU.apply(queries, keys, values)
