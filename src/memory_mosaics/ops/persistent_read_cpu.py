@@ -30,7 +30,7 @@ BLOCK_ROWS = 128  # query rows per block: the block's float32 scores and gradien
 PANEL = 64
 # AVX-512 code, and ATen's vector types in their AVX-512 form (without the CPU_CAPABILITY macros they
 # fall back to scalar loops: measured 27 ms instead of 4 for the elementwise part of one backward).
-COMPILE_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"]
+COMPILE_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma"]
 COMPILE_FLAGS += ["-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512"]
 
 

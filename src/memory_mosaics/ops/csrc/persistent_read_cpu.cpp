@@ -14,6 +14,8 @@
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/native/CPUBlas.h>
 
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -56,6 +58,12 @@ void multiply(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldc, bool ac
   }
 }
 
+// Two float vectors -> 2 x 16 bf16 numbers stored at out, a first (rounded to nearest even; AVX512-BF16,
+// which every CPU with AMX has: the kernel runs only where `supported()` says AMX is there).
+void to_bf16(const Vec& a, const Vec& b, BFloat16* out) {
+  _mm512_storeu_si512(reinterpret_cast<__m512i*>(out), (__m512i)_mm512_cvtne2ps_pbh(b, a));
+}
+
 float horizontal_max(Vec v) {
   float lanes[Vec::size()];
   v.store(lanes);
@@ -77,6 +85,7 @@ void check_inputs(const torch::Tensor& q, const torch::Tensor& k, const torch::T
   TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous(), "contiguous inputs only");
   TORCH_CHECK(k.sizes() == v.sizes() && q.size(0) == k.size(0) && q.size(2) == k.size(2), "shape mismatch");
   TORCH_CHECK(q.size(2) % PANEL == 0 && k.size(1) % PANEL == 0, "d and P must be multiples of 64");
+  static_assert(PANEL % (2 * Vec::size()) == 0, "rows are processed 2 x Vec::size() numbers at a time");
   TORCH_CHECK(block_rows > 0 && block_rows % 2 == 0, "block_rows must be even and positive");
 }
 
@@ -115,8 +124,10 @@ std::vector<torch::Tensor> forward(torch::Tensor q, torch::Tensor k, torch::Tens
           }
           const float total = horizontal_sum(vsum);
           const Vec inverse(1.f / total);
-          for (int64_t j = 0; j < P; j += Vec::size()) (Vec::loadu(s + j) * inverse).store(s + j);
-          at::vec::convert(s, weights.data() + r * P, P);
+          BFloat16* w = weights.data() + r * P;
+          for (int64_t j = 0; j < P; j += 2 * Vec::size()) {  // normalise and round in one pass
+            to_bf16(Vec::loadu(s + j) * inverse, Vec::loadu(s + j + Vec::size()) * inverse, w + j);
+          }
           lp[h * N + m + r] = row_max + std::log(total);
         }
         multiply(rows, d, P, P, d, false, weights.data(), values_packed.data(), read.data());
@@ -180,15 +191,15 @@ std::vector<torch::Tensor> backward(torch::Tensor q, torch::Tensor k, torch::Ten
         multiply(rows, P, d, d, P, false, qh + m * d, keys_t_packed.data(), weights.data());       // S
         multiply(rows, P, d, d, P, false, gh + m * d, values_t_packed.data(), grad_scores.data());  // dW
         for (int64_t r = 0; r < rows; ++r) {
-          float *w = weights.data() + r * P, *gs = grad_scores.data() + r * P;
+          const float *s = weights.data() + r * P, *dw = grad_scores.data() + r * P;
+          BFloat16 *w = weights_bf.data() + r * P, *ds = grad_scores_bf.data() + r * P;
           const Vec row_lse(lh[m + r]), dot(row_dot[r]);
-          for (int64_t j = 0; j < P; j += Vec::size()) {
-            Vec p = (Vec::loadu(w + j) - row_lse).exp_u20();  // W = exp(S - lse)
-            p.store(w + j);
-            (p * (Vec::loadu(gs + j) - dot)).store(gs + j);  // dS = W (dW - <dO, O>)
+          for (int64_t j = 0; j < P; j += 2 * Vec::size()) {
+            const int64_t k = j + Vec::size();
+            Vec p0 = (Vec::loadu(s + j) - row_lse).exp_u20(), p1 = (Vec::loadu(s + k) - row_lse).exp_u20();  // W
+            to_bf16(p0, p1, w + j);
+            to_bf16(p0 * (Vec::loadu(dw + j) - dot), p1 * (Vec::loadu(dw + k) - dot), ds + j);  // dS = W (dW - <dO, O>)
           }
-          at::vec::convert(w, weights_bf.data() + r * P, P);
-          at::vec::convert(gs, grad_scores_bf.data() + r * P, P);
         }
         for (int64_t r = 0; r < even_rows; r += 2) {
           pack_row_pair(weights_bf.data() + r * P, weights_bf.data() + (r + 1) * P, P, even_rows, r / 2,
