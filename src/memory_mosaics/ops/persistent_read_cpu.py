@@ -7,7 +7,8 @@ fused attention kernel that is used otherwise). It is compiled on first use with
 extension builder (about 40 s; cached under torch's extension folder) and used only where it can run:
 
 - the CPU packs bf16 for the micro-kernels (AMX), the compiler and `ninja` are there, and the build
-  succeeds — otherwise `kernel()` returns None once and callers keep the fused attention path;
+  succeeds — otherwise `kernel()` returns None (the reason logged at INFO) and callers keep the fused
+  attention path; a first build is announced with a warning, since the step waits for it;
 - bf16 inputs, d and P multiples of 64, no dropout (the callers check; see `usable`).
 
 `MOSAIC_CPU_KERNEL=0` turns it off. The plain twin it is tested against is
@@ -34,6 +35,19 @@ COMPILE_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "
 COMPILE_FLAGS += ["-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512"]
 
 
+NAME = "memory_mosaics_persistent_read_cpu"
+
+
+def _built_before() -> bool:
+    """Whether torch's extension folder already holds a build (then loading takes a moment)."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory  # private: only for the message
+
+        return any(Path(_get_build_directory(NAME, verbose=False)).glob("*.so"))
+    except Exception:
+        return False
+
+
 def enabled() -> bool:
     return os.environ.get("MOSAIC_CPU_KERNEL", "1") != "0"
 
@@ -41,8 +55,6 @@ def enabled() -> bool:
 @lru_cache(maxsize=1)
 def kernel():
     """The compiled module, or None where it cannot be built or run here (the reason is logged)."""
-    if not enabled():
-        return None
     capability = torch.backends.cpu.get_cpu_capability()
     if capability != "AVX512":
         logger.info("persistent-read CPU kernel off: needs AVX-512 (this CPU: %s)", capability)
@@ -50,8 +62,10 @@ def kernel():
     try:
         from torch.utils.cpp_extension import load
 
+        if not _built_before():
+            logger.warning("memory_mosaics: building the CPU kernel for the persistent read (once; about 40 s)")
         module = load(
-            name="memory_mosaics_persistent_read_cpu",
+            name=NAME,
             sources=[str(SOURCE)],
             extra_cflags=COMPILE_FLAGS,
             verbose=False,
