@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from functools import lru_cache
 from pathlib import Path
 
@@ -48,6 +49,18 @@ def _built_before() -> bool:
         return False
 
 
+def _put_ninja_on_path() -> None:
+    """torch's builder runs `ninja` from PATH; the `ninja` wheel (a dependency) puts it in its own folder,
+    which is on PATH only in an activated environment."""
+    if shutil.which("ninja") is None:
+        try:
+            import ninja
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        except ImportError:
+            pass
+
+
 def enabled() -> bool:
     return os.environ.get("MOSAIC_CPU_KERNEL", "1") != "0"
 
@@ -62,6 +75,7 @@ def kernel():
     try:
         from torch.utils.cpp_extension import load
 
+        _put_ninja_on_path()
         if not _built_before():
             logger.warning("memory_mosaics: building the CPU kernel for the persistent read (once; about 40 s)")
         module = load(
