@@ -1,6 +1,6 @@
 """The compiled CPU kernel for the persistent read (bf16, AMX) against the plain softmax in float64,
 outputs and gradients, and its place in `persistent_retrieval`. Skips where the kernel cannot be
-built or run (no compiler, no AVX-512/AMX); the first test here compiles it (about 40 s, then cached)."""
+built or run (no compiler, no AVX-512/AMX); collecting them builds it (about 40 s, then cached)."""
 
 from __future__ import annotations
 
