@@ -6,9 +6,9 @@ float32 and the products in oneDNN's bf16 micro-kernels (docs/performance.md mea
 fused attention kernel that is used otherwise). It is compiled on first use with PyTorch's C++
 extension builder (about 40 s; cached under torch's extension folder) and used only where it can run:
 
-- the CPU packs bf16 for the micro-kernels (AMX), the compiler and `ninja` are there, and the build
-  succeeds — otherwise `kernel()` returns None (the reason logged at INFO) and callers keep the fused
-  attention path; a first build is announced with a warning, since the step waits for it;
+- the CPU has AVX512-BF16 and packs bf16 for the micro-kernels (AMX), the compiler and `ninja` are
+  there, and the build succeeds — otherwise `kernel()` returns None (the reason logged at INFO) and
+  callers keep the fused attention path; a first build is announced with a warning (the step waits);
 - bf16 inputs, d and P multiples of 64, no dropout (the callers check; see `usable`).
 
 `MOSAIC_CPU_KERNEL=0` turns it off. The plain twin it is tested against is
@@ -61,6 +61,17 @@ def _put_ninja_on_path() -> None:
             pass
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux reports them (empty elsewhere: the kernel then stays off)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
 def enabled() -> bool:
     return os.environ.get("MOSAIC_CPU_KERNEL", "1") != "0"
 
@@ -69,8 +80,9 @@ def enabled() -> bool:
 def kernel():
     """The compiled module, or None where it cannot be built or run here (the reason is logged)."""
     capability = torch.backends.cpu.get_cpu_capability()
-    if capability != "AVX512":
-        logger.info("persistent-read CPU kernel off: needs AVX-512 (this CPU: %s)", capability)
+    if capability != "AVX512" or "avx512_bf16" not in cpu_flags():
+        # (The kernel rounds to bf16 with an AVX512-BF16 instruction: without it, it must not run at all.)
+        logger.info("persistent-read CPU kernel off: needs AVX-512 with BF16 (torch's CPU capability: %s)", capability)
         return None
     try:
         from torch.utils.cpp_extension import load

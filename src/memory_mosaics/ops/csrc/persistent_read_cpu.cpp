@@ -58,8 +58,8 @@ void multiply(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldc, bool ac
   }
 }
 
-// Two float vectors -> 2 x 16 bf16 numbers stored at out, a first (rounded to nearest even; AVX512-BF16,
-// which every CPU with AMX has: the kernel runs only where `supported()` says AMX is there).
+// Two float vectors -> 2 x 16 bf16 numbers stored at out, a first (rounded to nearest even). An
+// AVX512-BF16 instruction: the Python loader builds and runs the kernel only where the CPU has it.
 void to_bf16(const Vec& a, const Vec& b, BFloat16* out) {
   _mm512_storeu_si512(reinterpret_cast<__m512i*>(out), (__m512i)_mm512_cvtne2ps_pbh(b, a));
 }
