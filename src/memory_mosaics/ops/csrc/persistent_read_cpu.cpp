@@ -98,7 +98,7 @@ std::vector<torch::Tensor> forward(torch::Tensor q, torch::Tensor k, torch::Tens
   auto out = torch::empty_like(q);
   auto lse = torch::empty({H, N}, q.options().dtype(torch::kFloat));
   auto k_t = k.transpose(1, 2).contiguous();  // (H, d, P)
-  const BFloat16 *qp = q.data_ptr<BFloat16>(), *kp = k_t.data_ptr<BFloat16>(), *vp = v.data_ptr<BFloat16>();
+  const BFloat16 *qp = q.data_ptr<BFloat16>(), *ktp = k_t.data_ptr<BFloat16>(), *vp = v.data_ptr<BFloat16>();
   BFloat16* op = out.data_ptr<BFloat16>();
   float* lp = lse.data_ptr<float>();
   at::parallel_for(0, H, 1, [&](int64_t begin, int64_t end) {
@@ -106,7 +106,7 @@ std::vector<torch::Tensor> forward(torch::Tensor q, torch::Tensor k, torch::Tens
     std::vector<float> scores(R * P), read(R * d);
     std::vector<BFloat16> weights(R * P), keys_packed(d * P), values_packed(P * d);
     for (int64_t h = begin; h < end; ++h) {
-      pack_panels(d, P, P, kp + h * d * P, keys_packed.data());
+      pack_panels(d, P, P, ktp + h * d * P, keys_packed.data());
       pack_panels(P, d, d, vp + h * P * d, values_packed.data());
       for (int64_t m = 0; m < N; m += R) {
         const int64_t rows = std::min(R, N - m);
