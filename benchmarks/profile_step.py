@@ -6,7 +6,7 @@ operator and input shape, and sorts it into groups a reader can compare:
 
 - fused attention split by caller: the context memory's causal read (T - v_shift queries), the
   persistent memory's read (the batch folded into one sequence of queries against P slots) and the
-  GPT's causal attention (T queries);
+  GPT's causal attention (T queries); the persistent read's compiled kernel, where it runs, apart;
 - matrix products (mm, addmm, bmm, baddbmm), the loss (log-softmax forward and backward), and the rest
   (elementwise work, copies, normalisations, the optimiser).
 
@@ -31,6 +31,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from memory_mosaics.bench.throughput import ThroughputSettings, build_model, training_step
+from memory_mosaics.commands._common import check_writable
+from memory_mosaics.errors import MosaicError
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PRODUCTS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::baddbmm_"}
@@ -39,6 +41,8 @@ LOSS = {"aten::_log_softmax", "aten::_log_softmax_backward_data"}
 
 
 def group(name: str, shapes: list, length: int) -> str:
+    if name.startswith("PersistentReadCPU"):  # the compiled kernel (bf16 on AMX CPUs), forward and backward
+        return "persistent read: compiled kernel"
     if "scaled_dot_product" in name:
         queries = shapes[0] if shapes and shapes[0] else []
         if len(queries) == 4 and queries[0] == 1 and queries[2] > length:
@@ -97,6 +101,12 @@ def main() -> int:
     args = parser.parse_args()
     if args.length < 2 or args.rounds < 1 or args.threads < 1 or args.top < 0:
         parser.error("--length must be at least 2, --rounds and --threads at least 1, --top at least 0")
+    path = Path(args.json or RESULTS / f"profile_step_{args.length}_{args.dtype}.json")
+    try:  # before the minutes of profiling, not after them
+        path.parent.mkdir(parents=True, exist_ok=True)
+        check_writable(path, "--json")
+    except (OSError, MosaicError) as err:
+        parser.error(str(err))
     torch.set_num_threads(args.threads)
     result = profile_models(args.length, args.dtype, args.rounds)
     mosaic, gpt = result["mosaic"], result["gpt"]
@@ -112,8 +122,6 @@ def main() -> int:
     for op in sorted(operators, key=lambda op: -abs(difference(op)))[: args.top]:
         print(f"  {difference(op):+8.1f}  {op[:150]}")
 
-    path = Path(args.json or RESULTS / f"profile_step_{args.length}_{args.dtype}.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"length": args.length, "dtype": args.dtype, "threads": args.threads, "rounds": args.rounds, **result}
     path.write_text(json.dumps(payload, indent=1) + "\n")
     print(f"wrote {path}")
