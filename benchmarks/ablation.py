@@ -28,6 +28,7 @@ import memory_mosaics.models.memory_mosaic as mosaic_model
 from memory_mosaics.bench.throughput import ThroughputSettings, build_model, training_step
 from memory_mosaics.ops import (
     context_retrieval,
+    features_cpu,
     leaky_average_reference,
     persistent_read_cpu,
     scaled_normalize_reference,
@@ -114,6 +115,7 @@ VARIANTS = {
     "persistent read by autograd": [(memory_layers, "persistent_retrieval", persistent_retrieval_materialised)],
     "persistent read by blocked products": [(memory_layers, "persistent_retrieval", persistent_retrieval_blocked)],
     "persistent read by fused attention (no compiled kernel)": [(persistent_read_cpu, "usable", lambda *a, **k: False)],
+    "key and value features by PyTorch operators (no compiled kernel)": [(features_cpu, "usable", lambda *a: False)],
     "unfused context projections": [(memory_layers.ContextMemory, "forward", context_forward_unfused)],
     "output scale on reads": [(memory_layers.PersistentMemory, "read", persistent_read_scaling_reads)],
     "logit scale on logits": [(mosaic_model.MemoryMosaic, "forward", forward_scaling_logits)],

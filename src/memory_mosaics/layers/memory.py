@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from memory_mosaics.ops import (
     context_read,
     context_retrieval_reference,
+    features_cpu,
     leaky_average,
     leaky_average_reference,
     persistent_retrieval,
@@ -116,6 +117,8 @@ class KeyFeatureExtractor(nn.Module):
         """Keys of x (B, T, C). `projected`, if given, is self.proj(x) computed by the caller (the
         context memory fuses it with the value projection); hooks still see this module's output."""
         projected = self.proj(x) if projected is None else projected
+        if self.impl != "reference" and features_cpu.usable(projected):  # one compiled pass on CPUs
+            return features_cpu.key_features(projected, self.n_head, self.decay(), self.scale())
         return self.finish(self.average(split_heads(projected, self.n_head)))
 
 
@@ -156,6 +159,9 @@ class ValueFeatureExtractor(nn.Module):
     def forward(self, x: Tensor, projected: Tensor | None = None) -> Tensor:
         """Values of x (B, T, C); `projected`, if given, is self.proj(x) computed by the caller."""
         projected = self.proj(x) if projected is None else projected
+        if self.kind == "lowrank" and self.impl != "reference" and features_cpu.usable(projected):
+            scale = torch.exp(10 * self.value_scale)
+            return features_cpu.value_features(projected, self.n_head, self.shift, self.mix, scale)
         if self.kind == "lowrank":
             ahead = look_ahead(projected, self.shift)
             unnormalised = self.mixed(split_heads(projected, self.n_head), split_heads(ahead, self.n_head))

@@ -6,9 +6,9 @@ float32 and the products in oneDNN's bf16 micro-kernels (docs/performance.md mea
 fused attention kernel that is used otherwise). It is compiled on first use with PyTorch's C++
 extension builder (about 40 s; cached under torch's extension folder) and used only where it can run:
 
-- the CPU has AVX512-BF16 and packs bf16 for the micro-kernels (AMX), the compiler and `ninja` are
-  there, and the build succeeds — otherwise `kernel()` returns None (the reason logged at INFO) and
-  callers keep the fused attention path; a first build is announced with a warning (the step waits);
+- the CPU has AVX512-BF16 and packs bf16 for the micro-kernels (AMX), and the build succeeds
+  (`cpu_extensions`) — otherwise `kernel()` returns None (the reason logged at INFO) and callers keep
+  the fused attention path;
 - bf16 inputs, d and P multiples of 64, no dropout (the callers check; see `usable`).
 
 `MOSAIC_CPU_KERNEL=0` turns it off. The plain twin it is tested against is
@@ -18,16 +18,14 @@ extension builder (about 40 s; cached under torch's extension folder) and used o
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 from functools import lru_cache
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from memory_mosaics.ops import cpu_extensions
+
 logger = logging.getLogger(__name__)
-SOURCE = Path(__file__).resolve().parent / "csrc" / "persistent_read_cpu.cpp"
 BLOCK_ROWS = 128  # query rows per block: the block's float32 scores and gradients (2 x 128 x P) stay in L2
 PANEL = 64
 # AVX-512 code, and ATen's vector types in their AVX-512 form (without the CPU_CAPABILITY macros they
@@ -37,67 +35,16 @@ COMPILE_FLAGS += ["-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512"]
 NAME = "memory_mosaics_persistent_read_cpu"  # the extension's module name and build folder
 
 
-def _built_before() -> bool:
-    """Whether torch's extension folder already holds a build (then loading takes a moment)."""
-    try:
-        from torch.utils.cpp_extension import _get_build_directory  # private: only for the message
-
-        return any(Path(_get_build_directory(NAME, verbose=False)).glob("*.so"))
-    except Exception:
-        return False
-
-
-def _put_ninja_on_path() -> None:
-    """torch's builder runs `ninja` from PATH; the `ninja` wheel (a dependency) puts it in its own folder,
-    which is on PATH only in an activated environment."""
-    if shutil.which("ninja") is None:
-        try:
-            import ninja
-
-            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-        except ImportError:
-            pass
-
-
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags as Linux reports them (empty elsewhere: the kernel then stays off)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def enabled() -> bool:
-    return os.environ.get("MOSAIC_CPU_KERNEL", "1") != "0"
-
-
 @lru_cache(maxsize=1)
 def kernel():
     """The compiled module, or None where it cannot be built or run here (the reason is logged)."""
     capability = torch.backends.cpu.get_cpu_capability()
-    if capability != "AVX512" or "avx512_bf16" not in cpu_flags():
+    if capability != "AVX512" or "avx512_bf16" not in cpu_extensions.cpu_flags():
         # (The kernel rounds to bf16 with an AVX512-BF16 instruction: without it, it must not run at all.)
         logger.info("persistent-read CPU kernel off: needs AVX-512 with BF16 (torch's CPU capability: %s)", capability)
         return None
-    try:
-        from torch.utils.cpp_extension import load
-
-        _put_ninja_on_path()
-        if not _built_before():
-            logger.warning("memory_mosaics: building the CPU kernel for the persistent read (once; about 40 s)")
-        module = load(
-            name=NAME,
-            sources=[str(SOURCE)],
-            extra_cflags=COMPILE_FLAGS,
-            verbose=False,
-        )
-    except Exception as error:  # no compiler, no ninja, unwritable cache: keep the fused attention path
-        logger.info("persistent-read CPU kernel off: the build failed (%s)", str(error).splitlines()[0][:200])
-        return None
-    if not module.supported():
+    module = cpu_extensions.load(NAME, "persistent_read_cpu.cpp", COMPILE_FLAGS, "the persistent read", 40)
+    if module is not None and not module.supported():
         logger.info("persistent-read CPU kernel off: this CPU has no packed bf16 micro-kernels (AMX)")
         return None
     return module
@@ -106,7 +53,7 @@ def kernel():
 def usable(queries: Tensor, memory_keys: Tensor, dropout: bool) -> bool:
     """Whether the kernel applies to this call (before building it): CPU, bf16, sizes in 64s, no dropout."""
     return (
-        enabled()
+        cpu_extensions.enabled()
         and not dropout
         and queries.device.type == "cpu"
         and queries.dtype == torch.bfloat16

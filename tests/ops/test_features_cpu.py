@@ -1,0 +1,172 @@
+"""The compiled CPU kernels for key and value features against their plain twins in float64, outputs and
+gradients (float32 and bf16), and their place in the memories. Skips where the kernel cannot be built
+(no compiler); collecting them builds it (about 30 s, then cached)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from memory_mosaics.layers import ContextMemory, KeyFeatureExtractor, PersistentMemory, ValueFeatureExtractor
+from memory_mosaics.ops import (
+    features_cpu,
+    leaky_average,
+    leaky_average_reference,
+    scaled_normalize,
+    scaled_normalize_reference,
+)
+
+needs_kernel = pytest.mark.skipif(features_cpu.kernel() is None, reason="the features CPU kernel cannot be built here")
+pytestmark = needs_kernel
+
+HEADS = 3
+
+
+def split(x: torch.Tensor) -> torch.Tensor:
+    batch, length, channels = x.shape
+    return x.reshape(batch, length, HEADS, channels // HEADS).transpose(1, 2)
+
+
+def plain_keys(projected, decay, scale):
+    return scaled_normalize_reference(leaky_average_reference(split(projected), decay), scale)
+
+
+def plain_values(projected, mix, scale, shift):
+    ahead = torch.nn.functional.pad(projected[:, shift:], (0, 0, 0, min(shift, projected.shape[1])))
+    return scaled_normalize_reference(torch.lerp(split(ahead), split(projected), mix[:, None, None]), scale)
+
+
+def problem(length: int, dim: int, seed: int = 0):
+    """The projection as the context memory hands it over: one half of a wider linear output (rows of
+    stride 2C), with the first rows of one head zero (a zero state: the norm's clamp) and per-head
+    parameters that include no decay at all and a decay whose factor underflows nothing but is tiny."""
+    generator = torch.Generator().manual_seed(seed)
+    wide = torch.randn(2, length, 2 * HEADS * dim, generator=generator, dtype=torch.float64)
+    wide[0, : min(3, length), HEADS * dim : HEADS * dim + dim] = 0
+    decay = torch.tensor([0.0, 0.7, 6.0], dtype=torch.float64)
+    mix = torch.tensor([0.3, 0.9, -0.4], dtype=torch.float64)
+    scale = torch.tensor([1.0, 2.7, 7.4], dtype=torch.float64)
+    grad = torch.randn(2, HEADS, length, dim, generator=generator, dtype=torch.float64)
+    return wide, [decay, mix, scale], grad
+
+
+def outputs_and_grads(fn, wide, params, grad, dtype):
+    """fn(projected, *params) with the projection a strided half of `wide`; the gradients of all inputs."""
+    wide = wide.detach().to(dtype, copy=True).requires_grad_()
+    params = [p.detach().to(torch.float64 if dtype == torch.float64 else torch.float32, copy=True) for p in params]
+    params = [p.requires_grad_() for p in params]
+    out = fn(wide[..., wide.shape[-1] // 2 :], *params)
+    out.backward(grad.to(out.dtype))
+    return [out.detach().double(), wide.grad.double()] + [p.grad.double() for p in params]
+
+
+def relative_errors(got, expected):
+    """Largest error over largest value, per tensor, with a floor of 1: some gradients are zero in exact
+    arithmetic (with T <= shift the values do not depend on the mix), and then float32 leaves the
+    rounding noise of a sum over T x d terms, a few 1e-6."""
+    return [((g - e).abs().max() / e.abs().max().clamp_min(1.0)).item() for g, e in zip(got, expected, strict=True)]
+
+
+KEY_CASES = [(1, 8), (2, 16), (37, 12), (70, 64)]  # (T, d): one step, d without 16-lane multiples, T > 64
+
+
+@pytest.mark.parametrize(("length", "dim"), KEY_CASES)
+def test_key_features_match_the_plain_form_in_float32(length, dim):
+    wide, (decay, _, scale), grad = problem(length, dim)
+
+    def kernel(p, a, s):
+        return features_cpu.key_features(p, HEADS, a, s)
+
+    got = outputs_and_grads(kernel, wide, [decay, scale], grad, torch.float32)
+    expected = outputs_and_grads(plain_keys, wide, [decay, scale], grad, torch.float64)
+    assert max(relative_errors(got, expected)) < 1e-5
+
+
+@pytest.mark.parametrize(("length", "dim"), KEY_CASES)
+@pytest.mark.parametrize("shift", [1, 2])
+def test_value_features_match_the_plain_form_in_float32(length, dim, shift):
+    wide, (_, mix, scale), grad = problem(length, dim, seed=1)
+
+    def kernel(p, m, s):
+        return features_cpu.value_features(p, HEADS, shift, m, s)
+
+    got = outputs_and_grads(kernel, wide, [mix, scale], grad, torch.float32)
+    expected = outputs_and_grads(lambda p, m, s: plain_values(p, m, s, shift), wide, [mix, scale], grad, torch.float64)
+    assert max(relative_errors(got, expected)) < 1e-5
+
+
+def operator_keys(projected, decay, scale):
+    """The fast path without the kernel: the chunked scan, then the hand-written normalisation."""
+    return scaled_normalize(leaky_average(split(projected), decay), scale)
+
+
+def operator_values(projected, mix, scale):
+    """As ValueFeatureExtractor without the kernel: the mix in the projection's dtype, then normalised."""
+    ahead = torch.nn.functional.pad(projected[:, 1:], (0, 0, 0, 1))
+    return scaled_normalize(torch.lerp(split(ahead), split(projected), mix.to(projected.dtype)[:, None, None]), scale)
+
+
+@pytest.mark.parametrize("kind", ["keys", "values"])
+def test_bf16_errors_are_no_larger_than_the_operator_path(kind):
+    """In bf16 the kernel keeps everything in float32 between reading and writing; the operator path
+    rounds in between. Both against float64, output and every gradient."""
+    wide, (decay, mix, scale), grad = problem(256, 64)
+    if kind == "keys":
+        params, plain, operators = [decay, scale], plain_keys, operator_keys
+
+        def kernel(p, a, s):
+            return features_cpu.key_features(p, HEADS, a, s)
+    else:
+        params, plain, operators = [mix, scale], (lambda p, m, s: plain_values(p, m, s, 1)), operator_values
+
+        def kernel(p, m, s):
+            return features_cpu.value_features(p, HEADS, 1, m, s)
+
+    expected = outputs_and_grads(plain, wide, params, grad, torch.float64)
+    kernel_errors = relative_errors(outputs_and_grads(kernel, wide, params, grad, torch.bfloat16), expected)
+    operator_errors = relative_errors(outputs_and_grads(operators, wide, params, grad, torch.bfloat16), expected)
+    assert max(kernel_errors) < 1e-2
+    for mine, theirs in zip(kernel_errors, operator_errors, strict=True):
+        assert mine <= theirs
+
+
+def test_memories_use_the_kernel_and_match_the_plain_path():
+    """A context and a persistent memory in float32 (the kernel) against their plain twins in float64."""
+    for cls, kwargs in [(ContextMemory, {"shift": 2}), (PersistentMemory, {"size": 32})]:
+        torch.manual_seed(0)
+        fast = cls(n_embd=48, n_head=HEADS, impl="fast", **kwargs)
+        reference = cls(n_embd=48, n_head=HEADS, impl="reference", **kwargs).double()
+        reference.load_state_dict(fast.state_dict())
+        x = torch.randn(2, 19, 48, dtype=torch.float64)
+        outputs = []
+        for module, dtype in [(fast, torch.float32), (reference, torch.float64)]:
+            leaf = x.to(dtype).requires_grad_()
+            out = module(leaf)
+            out.backward(torch.ones_like(out))
+            grads = [leaf.grad] + [p.grad for p in module.parameters()]
+            outputs.append([out.detach().double()] + [g.double() for g in grads])
+        assert max(relative_errors(*outputs)) < 1e-5, cls.__name__
+
+
+def test_dispatch(monkeypatch):
+    """The extractors take the kernel for float32 and bf16 CPU projections on the fast path; float64,
+    the reference path, kernel-2 values and MOSAIC_CPU_KERNEL=0 keep the operators."""
+    calls = []
+    for name in ("key_features", "value_features"):
+        original = getattr(features_cpu, name)
+        monkeypatch.setattr(features_cpu, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
+
+    def used(module, dtype):
+        calls.clear()
+        module.to(dtype)(torch.randn(2, 5, 24, dtype=dtype))
+        return list(calls)
+
+    assert used(KeyFeatureExtractor(24, HEADS), torch.float32) == ["key_features"]
+    assert used(KeyFeatureExtractor(24, HEADS), torch.bfloat16) == ["key_features"]
+    assert used(ValueFeatureExtractor(24, HEADS), torch.float32) == ["value_features"]
+    assert used(KeyFeatureExtractor(24, HEADS), torch.float64) == []
+    assert used(KeyFeatureExtractor(24, HEADS, impl="reference"), torch.float32) == []
+    assert used(ValueFeatureExtractor(24, HEADS, kind="kernel2"), torch.float32) == []
+    monkeypatch.setenv("MOSAIC_CPU_KERNEL", "0")
+    assert used(KeyFeatureExtractor(24, HEADS), torch.float32) == []
+    assert used(ValueFeatureExtractor(24, HEADS), torch.float32) == []
