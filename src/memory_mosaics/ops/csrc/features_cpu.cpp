@@ -187,20 +187,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> key_backward(const at::Tensor& gr
 
 // ---- values: look-ahead mix, then scaled normalisation -----------------------------------------
 
-// u_t = next + mix (now - next), into u (d floats).
+// u_t = next + mix (now - next) into u, and du_t/dmix = now - next into difference (d floats each).
 template <typename scalar_t>
-void mix_row(const HeadRows<scalar_t>& in, int64_t t, int64_t T, int64_t shift, float mix, float* u, int64_t d) {
+void mix_row(const HeadRows<scalar_t>& in, int64_t t, int64_t T, int64_t shift, float mix, float* u,
+             float* difference, int64_t d) {
   const scalar_t* now = in.row(t);
-  if (t + shift < T) {
-    const scalar_t* next = in.row(t + shift);
-    SIMD
-    for (int64_t j = 0; j < d; ++j) {
-      const float n = to_float(next[j]);
-      u[j] = n + mix * (to_float(now[j]) - n);
-    }
-  } else {
-    SIMD
-    for (int64_t j = 0; j < d; ++j) u[j] = mix * to_float(now[j]);
+  const scalar_t* next = t + shift < T ? in.row(t + shift) : nullptr;
+  SIMD
+  for (int64_t j = 0; j < d; ++j) {
+    const float n = next ? to_float(next[j]) : 0.f;
+    difference[j] = to_float(now[j]) - n;
+    u[j] = n + mix * difference[j];
   }
 }
 
@@ -214,14 +211,14 @@ at::Tensor value_forward(const at::Tensor& p, int64_t heads, int64_t shift, cons
   DISPATCH_FLOAT_AND_BF16(p.scalar_type(), "value_forward", [&] {
     scalar_t* out = values.data_ptr<scalar_t>();
     at::parallel_for(0, heads * B, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> u(d);
+      std::vector<float> u(d), difference(d);
       for (int64_t item = begin; item < end; ++item) {
         const int64_t h = item / B, b = item % B;
         const float w = mix.data_ptr<float>()[h], s_h = scale.data_ptr<float>()[h];
         const auto in = head_rows<scalar_t>(p, b, h, d);
         scalar_t* o = out + item * T * d;
         for (int64_t t = 0; t < T; ++t, o += d) {
-          mix_row(in, t, T, shift, w, u.data(), d);
+          mix_row(in, t, T, shift, w, u.data(), difference.data(), d);
           const float factor = s_h / std::max(std::sqrt(squared_norm(u.data(), d)), EPS);
           SIMD
           for (int64_t j = 0; j < d; ++j) o[j] = from_float<scalar_t>(factor * u[j]);
@@ -248,15 +245,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> value_backward(const at::Tensor& 
   at::Tensor scale_dots = at::empty({B, heads}, p.options().dtype(at::kFloat));
   DISPATCH_FLOAT_AND_BF16(p.scalar_type(), "value_backward", [&] {
     at::parallel_for(0, heads * B, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> local(T * d), u(d);  // local: dL/du_t for every t
+      std::vector<float> local(T * d), u(d), difference(d);  // local: dL/du_t for every t
       for (int64_t item = begin; item < end; ++item) {
         const int64_t h = item / B, b = item % B;
         const float w = mix.data_ptr<float>()[h], s_h = scale.data_ptr<float>()[h];
         const auto in = head_rows<scalar_t>(p, b, h, d);
         const scalar_t* g_base = grad.data_ptr<scalar_t>() + b * grad.stride(0) + h * grad.stride(1);
+        scalar_t* dp = grad_p.data_ptr<scalar_t>() + b * T * C + h * d;
         float mix_dot = 0.f, scale_dot = 0.f;
-        for (int64_t t = 0; t < T; ++t) {
-          mix_row(in, t, T, shift, w, u.data(), d);
+        for (int64_t t = 0; t < T; ++t, dp += C) {
+          mix_row(in, t, T, shift, w, u.data(), difference.data(), d);
           const scalar_t* g = g_base + t * grad.stride(2);
           const float norm = std::sqrt(squared_norm(u.data(), d));
           const float factor = s_h / std::max(norm, EPS);
@@ -266,19 +264,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> value_backward(const at::Tensor& 
           float* du = local.data() + t * d;
           SIMD
           for (int64_t j = 0; j < d; ++j) du[j] = factor * to_float(g[j]) - along * u[j];
-          // du/dmix = p_t - p_{t+m}: from the rows again ((u - p_{t+m}) / mix would divide by mix).
-          const scalar_t* now = in.row(t);
-          const scalar_t* next = t + shift < T ? in.row(t + shift) : nullptr;
-          mix_dot += next ? dot(du, now, d) - dot(du, next, d) : dot(du, now, d);
-        }
-        // p_t enters u_t with weight mix and u_{t-m} with weight 1 - mix.
-        scalar_t* dp = grad_p.data_ptr<scalar_t>() + b * T * C + h * d;
-        for (int64_t t = 0; t < T; ++t, dp += C) {
-          const float* now = local.data() + t * d;
-          const float* before = t >= shift ? now - shift * d : nullptr;
+          mix_dot += dot(du, difference.data(), d);
+          // p_t enters u_t with weight mix and u_{t-m} with weight 1 - mix: both known by now.
+          const float* before = t >= shift ? du - shift * d : nullptr;
           SIMD
           for (int64_t j = 0; j < d; ++j)
-            dp[j] = from_float<scalar_t>(w * now[j] + (before ? (1.f - w) * before[j] : 0.f));
+            dp[j] = from_float<scalar_t>(w * du[j] + (before ? (1.f - w) * before[j] : 0.f));
         }
         mix_dots.data_ptr<float>()[b * heads + h] = mix_dot;
         scale_dots.data_ptr<float>()[b * heads + h] = scale_dot;
