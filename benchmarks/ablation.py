@@ -184,6 +184,9 @@ def components(length: int, dtype: str, rounds: int) -> dict:
     wide = torch.randn(batch, length, 2 * channels)
     split = lambda t: t[..., :channels].view(batch, length, heads, -1).transpose(1, 2)  # noqa: E731
     decay = torch.linspace(0.5, 5.0, heads)
+    scales, mix_heads = torch.full((heads,), 2.7), torch.rand(heads)
+    mix = mix_heads[:, None, None]
+    ahead = lambda t: F.pad(t[:, 1:], (0, 0, 0, 1))  # noqa: E731
     tables = torch.randn(2, 1, heads, 896, channels // heads) / 8
     queries = F.normalize(torch.randn(heads, batch, length, channels // heads), dim=-1).transpose(0, 1) * 2
     pieces = {
@@ -191,6 +194,19 @@ def components(length: int, dtype: str, rounds: int) -> dict:
         "leaky average (now)": (lambda x: leaky_average_now(split(x), decay), wide),
         "normalise (autograd)": (lambda x: scaled_normalize_reference(split(x), decay), wide),
         "normalise (now)": (lambda x: scaled_normalize(split(x), decay), wide),
+        "key features (operators)": (lambda x: scaled_normalize(leaky_average_now(split(x), decay), scales), wide),
+        "key features (compiled kernel)": (
+            lambda x: features_cpu.key_features(x[..., :channels], heads, decay, scales),
+            wide,
+        ),
+        "value features (operators)": (
+            lambda x: scaled_normalize(torch.lerp(split(ahead(x)), split(x), mix.to(x.dtype)), scales),
+            wide,
+        ),
+        "value features (compiled kernel)": (
+            lambda x: features_cpu.value_features(x[..., :channels], heads, 1, mix_heads, scales),
+            wide,
+        ),
         "persistent read (autograd)": (lambda q: persistent_retrieval_materialised(q, *tables), queries),
         "persistent read (blocked products)": (lambda q: persistent_retrieval_blocked(q, *tables), queries),
         "persistent read (now)": (lambda q: persistent_retrieval(q, *tables), queries),

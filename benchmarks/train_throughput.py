@@ -1,9 +1,11 @@
 """Training throughput and memory of Memory Mosaic vs GPT vs a plain nanoGPT (the same as `mosaic bench`).
 
     python benchmarks/train_throughput.py            # all cells; writes benchmarks/results/train_throughput.{json,png}
-    python benchmarks/train_throughput.py --quick    # T=256 only
+    python benchmarks/train_throughput.py --quick    # T=256 only; prints the table, writes nothing
 
 Any `mosaic bench` flag works here too (--lengths, --dtypes, --rounds, --threads, --no-memory, ...).
+Only a run of every cell writes the committed results by default; a partial run (any of
+`PARTIAL_RUN_FLAGS`) writes files only where --json / --png say.
 """
 
 from __future__ import annotations
@@ -14,12 +16,14 @@ from pathlib import Path
 from memory_mosaics.cli import main
 
 RESULTS = Path(__file__).resolve().parent / "results"
+PARTIAL_RUN_FLAGS = ("--quick", "--lengths", "--dtypes", "--models", "--no-memory", "--compile", "--device")
 
 if __name__ == "__main__":
     argv = sys.argv[1:]
-    if "--json" not in argv:
+    full_run = not any(arg.split("=")[0] in PARTIAL_RUN_FLAGS for arg in argv)
+    if full_run and "--json" not in argv:
         argv += ["--json", str(RESULTS / "train_throughput.json")]
-    if "--png" not in argv:
+    if full_run and "--png" not in argv:
         argv += ["--png", str(RESULTS / "train_throughput.png")]
     RESULTS.mkdir(exist_ok=True)
     sys.exit(main(["bench", *argv]))

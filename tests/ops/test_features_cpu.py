@@ -36,13 +36,13 @@ def plain_values(projected, mix, scale, shift):
     return scaled_normalize_reference(torch.lerp(split(ahead), split(projected), mix[:, None, None]), scale)
 
 
-def problem(length: int, dim: int, seed: int = 0):
+def problem(length: int, dim: int, seed: int = 0, zero_rows: int = 0):
     """The projection as the context memory hands it over: one half of a wider linear output (rows of
-    stride 2C), with the first rows of one head zero (a zero state: the norm's clamp) and per-head
-    parameters that include no decay at all and a decay whose factor underflows nothing but is tiny."""
+    stride 2C), optionally with its first `zero_rows` rows zero in head 0 of the first sequence (a zero
+    state: the norm's clamp), and per-head parameters that include no decay at all and a strong one."""
     generator = torch.Generator().manual_seed(seed)
     wide = torch.randn(2, length, 2 * HEADS * dim, generator=generator, dtype=torch.float64)
-    wide[0, : min(3, length), HEADS * dim : HEADS * dim + dim] = 0
+    wide[0, :zero_rows, HEADS * dim : HEADS * dim + dim] = 0
     decay = torch.tensor([0.0, 0.7, 6.0], dtype=torch.float64)
     mix = torch.tensor([0.3, 0.9, -0.4], dtype=torch.float64)
     scale = torch.tensor([1.0, 2.7, 7.4], dtype=torch.float64)
@@ -106,27 +106,51 @@ def operator_values(projected, mix, scale):
     return scaled_normalize(torch.lerp(split(ahead), split(projected), mix.to(projected.dtype)[:, None, None]), scale)
 
 
+def feature(kind: str, decay, mix, scale):
+    """(per-head parameters, kernel, plain twin, operator path) of the keys or the values (shift 1)."""
+    if kind == "keys":
+        kernel = lambda p, a, s: features_cpu.key_features(p, HEADS, a, s)  # noqa: E731
+        return [decay, scale], kernel, plain_keys, operator_keys
+    kernel = lambda p, m, s: features_cpu.value_features(p, HEADS, 1, m, s)  # noqa: E731
+    return [mix, scale], kernel, (lambda p, m, s: plain_values(p, m, s, 1)), operator_values
+
+
+@pytest.mark.parametrize("kind", ["keys", "values"])
+def test_a_zero_state_is_handled_as_the_plain_form_does(kind):
+    """Where the state (keys) or the mix (values) is zero, the output is zero and the normalisation's
+    clamp makes the input gradient huge there (scale / 1e-12 times the output gradient), as in the
+    plain form; errors are measured there and elsewhere apart, so that neither hides the other."""
+    length, dim = 9, 16
+    wide, per_head, grad = problem(length, dim, zero_rows=3)
+    params, kernel, plain, _ = feature(kind, *per_head)
+
+    got = outputs_and_grads(kernel, wide, params, grad, torch.float32)
+    expected = outputs_and_grads(plain, wide, params, grad, torch.float64)
+    clamped = torch.zeros_like(expected[1], dtype=torch.bool)
+    clamped[0, :2, HEADS * dim : HEADS * dim + dim] = True  # s_0, s_1 = 0 (keys); u_0, u_1 = 0 (values)
+    assert expected[1][clamped].abs().min() > 1e9  # the clamp is really hit
+    assert got[0][0, 0, :2].abs().max() == 0
+    input_grads = [(got[1][clamped], expected[1][clamped]), (got[1][~clamped], expected[1][~clamped])]
+    errors = relative_errors([got[0], *got[2:]], [expected[0], *expected[2:]])
+    errors += relative_errors(*zip(*input_grads, strict=True))
+    assert max(errors) < 1e-5
+
+
 @pytest.mark.parametrize("kind", ["keys", "values"])
 def test_bf16_errors_are_no_larger_than_the_operator_path(kind):
     """In bf16 the kernel keeps everything in float32 between reading and writing; the operator path
-    rounds in between. Both against float64, output and every gradient."""
-    wide, (decay, mix, scale), grad = problem(256, 64)
-    if kind == "keys":
-        params, plain, operators = [decay, scale], plain_keys, operator_keys
-
-        def kernel(p, a, s):
-            return features_cpu.key_features(p, HEADS, a, s)
-    else:
-        params, plain, operators = [mix, scale], (lambda p, m, s: plain_values(p, m, s, 1)), operator_values
-
-        def kernel(p, m, s):
-            return features_cpu.value_features(p, HEADS, 1, m, s)
+    rounds in between. Both against float64: the output and the input gradient are more accurate
+    (measured 0.4 % against 0.6-1.1 %, three seeds); the per-head parameter gradients, sums over the
+    whole batch of bf16 inputs, are within 0.1-0.7 % for both paths, neither consistently ahead, so
+    they get a bound only."""
+    wide, per_head, grad = problem(256, 64)
+    params, kernel, plain, operators = feature(kind, *per_head)
 
     expected = outputs_and_grads(plain, wide, params, grad, torch.float64)
     kernel_errors = relative_errors(outputs_and_grads(kernel, wide, params, grad, torch.bfloat16), expected)
     operator_errors = relative_errors(outputs_and_grads(operators, wide, params, grad, torch.bfloat16), expected)
     assert max(kernel_errors) < 1e-2
-    for mine, theirs in zip(kernel_errors, operator_errors, strict=True):
+    for mine, theirs in zip(kernel_errors[:2], operator_errors[:2], strict=True):  # output, dL/dx
         assert mine <= theirs
 
 
