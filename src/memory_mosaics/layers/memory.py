@@ -11,6 +11,9 @@ the stored keys. In a Memory Mosaic both are trainable features of the input seq
 A `ContextMemory` stores the pairs of the current sequence and queries them with k_t itself; a
 `PersistentMemory` stores pairs learned in training and replaces the transformer's feed-forward layer.
 
+On CPUs (float32, bf16) the fast path computes each feature in one compiled pass (`ops/features_cpu.py`);
+elsewhere, or if it cannot be built, it chains the leaky average, the mix and `scaled_normalize`.
+
 Parametrisations, initialisations and clamps follow the authors' code (reference spec §1–§3):
     leak      beta_h = 10 |theta_h|,              theta_0 = linspace(0.5, 5, H) / 10
     key scale s_h = exp(min(10 rho_h, 5)) ** p,    rho_0 = 0.1, p = 1 (context) or 2 (persistent)

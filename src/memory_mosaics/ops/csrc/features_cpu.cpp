@@ -18,9 +18,9 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <bit>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <tuple>
 #include <vector>
 
@@ -37,7 +37,12 @@ constexpr float EPS = 1e-12f;  // as F.normalize: a zero vector stays zero
 // Conversions written as plain bit operations so that loops over them vectorise (c10::BFloat16's own
 // compiled to scalar code here: the bf16 forward took 4x as long as the float32 one).
 inline float to_float(float v) { return v; }
-inline float to_float(c10::BFloat16 v) { return std::bit_cast<float>(uint32_t(v.x) << 16); }
+inline float to_float(c10::BFloat16 v) {
+  const uint32_t bits = uint32_t(v.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);  // (std::bit_cast is C++20; torch >= 2.3 may build with C++17)
+  return f;
+}
 
 template <typename scalar_t>
 inline scalar_t from_float(float v);
@@ -45,7 +50,8 @@ template <>
 inline float from_float<float>(float v) { return v; }
 template <>
 inline c10::BFloat16 from_float<c10::BFloat16>(float v) {
-  const uint32_t bits = std::bit_cast<uint32_t>(v);
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof bits);
   const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;  // to nearest, ties to even
   return c10::BFloat16(static_cast<uint16_t>(v != v ? 0x7FC0u : rounded), c10::BFloat16::from_bits());
 }
