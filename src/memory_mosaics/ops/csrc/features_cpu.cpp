@@ -95,6 +95,26 @@ void check_projection(const at::Tensor& x, int64_t heads, const at::Tensor& per_
 // Gradients of the features arrive as (B, H, T, d) with any strides but a unit one for d.
 at::Tensor unit_inner_stride(const at::Tensor& grad) { return grad.stride(3) == 1 ? grad : grad.contiguous(); }
 
+// What both backward passes start with: checks, the features' gradient with a unit inner stride, and
+// the outputs — dL/d(projection) (B, T, C) and two float32 sums per (batch, head) sequence.
+struct BackwardBuffers {
+  at::Tensor grad, grad_input, parameter_dots, scale_dots;
+};
+
+BackwardBuffers start_backward(const at::Tensor& grad_features, const at::Tensor& x, int64_t heads,
+                               const at::Tensor& parameter, const char* parameter_name, const at::Tensor& scale) {
+  check_projection(x, heads, parameter, parameter_name);
+  check_projection(x, heads, scale, "scale");
+  const int64_t B = x.size(0), T = x.size(1), C = x.size(2);
+  BackwardBuffers buffers{unit_inner_stride(grad_features), at::empty({B, T, C}, x.options()),
+                          at::empty({B, heads}, x.options().dtype(at::kFloat)),
+                          at::empty({B, heads}, x.options().dtype(at::kFloat))};
+  TORCH_CHECK(buffers.grad.sizes() == at::IntArrayRef({B, heads, T, C / heads}) &&
+                  buffers.grad.scalar_type() == x.scalar_type(),
+              "the features' gradient must be (B, H, T, d) in the projection's dtype");
+  return buffers;
+}
+
 at::Tensor head_major_features(const at::Tensor& x, int64_t heads) {
   const int64_t B = x.size(0), T = x.size(1), d = x.size(2) / heads;
   return at::empty({heads, B, T, d}, x.options()).transpose(0, 1);  // (B, H, T, d) view
@@ -136,15 +156,10 @@ at::Tensor key_forward(const at::Tensor& x, int64_t heads, const at::Tensor& dec
 std::tuple<at::Tensor, at::Tensor, at::Tensor> key_backward(const at::Tensor& grad_keys, const at::Tensor& x,
                                                              int64_t heads, const at::Tensor& decay,
                                                              const at::Tensor& scale) {
-  check_projection(x, heads, decay, "decay");
-  check_projection(x, heads, scale, "scale");
+  const BackwardBuffers buffers = start_backward(grad_keys, x, heads, decay, "decay", scale);
+  const at::Tensor &grad = buffers.grad, &grad_x = buffers.grad_input;
+  const at::Tensor &decay_dots = buffers.parameter_dots, &scale_dots = buffers.scale_dots;
   const int64_t B = x.size(0), T = x.size(1), C = x.size(2), d = C / heads;
-  const at::Tensor grad = unit_inner_stride(grad_keys);
-  TORCH_CHECK(grad.sizes() == at::IntArrayRef({B, heads, T, d}) && grad.scalar_type() == x.scalar_type(),
-              "grad_keys must be (B, H, T, d) in the projection's dtype");
-  at::Tensor grad_x = at::empty({B, T, C}, x.options());
-  at::Tensor decay_dots = at::empty({B, heads}, x.options().dtype(at::kFloat));
-  at::Tensor scale_dots = at::empty({B, heads}, x.options().dtype(at::kFloat));
   DISPATCH_FLOAT_AND_BF16(x.scalar_type(), "key_backward", [&] {
     at::parallel_for(0, heads * B, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> states(T * d), norms(T), carried(d);
@@ -240,15 +255,10 @@ at::Tensor value_forward(const at::Tensor& p, int64_t heads, int64_t shift, cons
 std::tuple<at::Tensor, at::Tensor, at::Tensor> value_backward(const at::Tensor& grad_values, const at::Tensor& p,
                                                                int64_t heads, int64_t shift, const at::Tensor& mix,
                                                                const at::Tensor& scale) {
-  check_projection(p, heads, mix, "mix");
-  check_projection(p, heads, scale, "scale");
+  const BackwardBuffers buffers = start_backward(grad_values, p, heads, mix, "mix", scale);
+  const at::Tensor &grad = buffers.grad, &grad_p = buffers.grad_input;
+  const at::Tensor &mix_dots = buffers.parameter_dots, &scale_dots = buffers.scale_dots;
   const int64_t B = p.size(0), T = p.size(1), C = p.size(2), d = C / heads;
-  const at::Tensor grad = unit_inner_stride(grad_values);
-  TORCH_CHECK(grad.sizes() == at::IntArrayRef({B, heads, T, d}) && grad.scalar_type() == p.scalar_type(),
-              "grad_values must be (B, H, T, d) in the projection's dtype");
-  at::Tensor grad_p = at::empty({B, T, C}, p.options());
-  at::Tensor mix_dots = at::empty({B, heads}, p.options().dtype(at::kFloat));
-  at::Tensor scale_dots = at::empty({B, heads}, p.options().dtype(at::kFloat));
   DISPATCH_FLOAT_AND_BF16(p.scalar_type(), "value_backward", [&] {
     at::parallel_for(0, heads * B, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> local(T * d), u(d), difference(d);  // local: dL/du_t for every t
