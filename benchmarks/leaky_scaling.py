@@ -1,7 +1,9 @@
 """Cost of the leaky average against the sequence length: the chunked scan is linear in T.
 
 Forward + backward (gradients for x and the decays) of `leaky_average` at batch 1, 4 heads of 64
-dims, T = 256 ... 65,536, median of several runs; the dense T x T reference beside it while it fits.
+dims, T = 256 ... 65,536, median of several runs; the dense T x T reference beside it while it fits,
+and on CPUs the compiled key-features kernel (leaky average and normalisation in one pass,
+`ops/features_cpu.py`; its input copied into the (B, T, C) projection layout inside the timing).
 
     python benchmarks/leaky_scaling.py     # writes benchmarks/results/leaky_scaling.{json,png}
     python benchmarks/leaky_scaling.py --device cuda --json F --png F   # on a GPU (Triton kernel if
@@ -20,7 +22,7 @@ from pathlib import Path
 import torch
 
 from memory_mosaics.bench.throughput import leaky_scan_in_use
-from memory_mosaics.ops import leaky_average, leaky_average_reference
+from memory_mosaics.ops import features_cpu, leaky_average, leaky_average_reference
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -41,6 +43,13 @@ def seconds(fn, x: torch.Tensor, beta: torch.Tensor, repeats: int) -> float:
     return statistics.median(times[1:])
 
 
+def compiled_keys(x: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """The compiled key features of x (B, H, T, d), read as the (B, T, H d) projection the model passes."""
+    batch, heads, length, _ = x.shape
+    projected = x.transpose(1, 2).reshape(batch, length, -1)
+    return features_cpu.key_features(projected, heads, beta, torch.ones_like(beta))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--max-length", type=int, default=65536)
@@ -59,6 +68,8 @@ def main() -> int:
     while length <= args.max_length:
         x = torch.randn(1, heads, length, dim, device=args.device)
         row = {"seq_len": length, "chunked_seconds": seconds(leaky_average, x, beta, args.repeats)}
+        if features_cpu.usable(x[:, 0]):
+            row["compiled_keys_seconds"] = seconds(compiled_keys, x, beta, args.repeats)
         if length <= args.dense_max_length:
             row["dense_seconds"] = seconds(leaky_average_reference, x, beta, args.repeats)
         row["chunked_us_per_step"] = 1e6 * row["chunked_seconds"] / length
@@ -96,6 +107,10 @@ def plot(rows: list[dict], path: str) -> None:
     lengths = [r["seq_len"] for r in rows]
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     ax.loglog(lengths, [r["chunked_seconds"] for r in rows], "o-", label="chunked scan (ours)")
+    compiled = [r for r in rows if "compiled_keys_seconds" in r]
+    if compiled:
+        label = "compiled keys kernel (average + normalisation)"
+        ax.loglog([r["seq_len"] for r in compiled], [r["compiled_keys_seconds"] for r in compiled], "^-", label=label)
     dense = [r for r in rows if "dense_seconds" in r]
     ax.loglog([r["seq_len"] for r in dense], [r["dense_seconds"] for r in dense], "s-", label="dense T x T (reference)")
     base = rows[0]

@@ -33,6 +33,7 @@ namespace {
   AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
 constexpr float EPS = 1e-12f;  // as F.normalize: a zero vector stays zero
+constexpr int64_t KEY_CHUNK = 64;  // steps whose states the keys' backward pass recomputes at a time
 
 // Conversions written as plain bit operations so that loops over them vectorise (c10::BFloat16's own
 // compiled to scalar code here: the bf16 forward took 4x as long as the float32 one).
@@ -162,19 +163,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> key_backward(const at::Tensor& gr
   const int64_t B = x.size(0), T = x.size(1), C = x.size(2), d = C / heads;
   DISPATCH_FLOAT_AND_BF16(x.scalar_type(), "key_backward", [&] {
     at::parallel_for(0, heads * B, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> states(T * d), norms(T), carried(d);
+      // The states are recomputed chunk by chunk, last chunk first, from the state entering each chunk
+      // (kept by a first forward scan): the working set stays (KEY_CHUNK + 1) x d floats for any T.
+      const int64_t chunks = (T + KEY_CHUNK - 1) / KEY_CHUNK;
+      std::vector<float> entering(chunks * d), states((KEY_CHUNK + 1) * d), norms(KEY_CHUNK), running(d), carried(d);
       for (int64_t item = begin; item < end; ++item) {
         const int64_t h = item / B, b = item % B;
         const float a = std::exp(-decay.data_ptr<float>()[h]), s_h = scale.data_ptr<float>()[h];
         const auto in = head_rows<scalar_t>(x, b, h, d);
-        // The forward scan again, keeping every state.
-        for (int64_t t = 0; t < T; ++t) {
+        auto scan_step = [&](const float* previous, int64_t t, float* s) {
           const scalar_t* row = in.row(t);
-          float* s = states.data() + t * d;
-          const float* previous = t ? s - d : nullptr;
           SIMD
-          for (int64_t j = 0; j < d; ++j) s[j] = (previous ? a * previous[j] : 0.f) + to_float(row[j]);
-          norms[t] = std::sqrt(squared_norm(s, d));
+          for (int64_t j = 0; j < d; ++j) s[j] = a * previous[j] + to_float(row[j]);
+        };
+        std::fill(running.begin(), running.end(), 0.f);
+        for (int64_t t = 0; t < T; ++t) {
+          if (t % KEY_CHUNK == 0) std::copy(running.begin(), running.end(), entering.begin() + t / KEY_CHUNK * d);
+          scan_step(running.data(), t, running.data());
         }
         // Backwards in time: through the normalisation, then the scan's transpose
         // (carried = dL/ds_t = local_t + a dL/ds_{t+1}, which is also dL/dx_t).
@@ -182,21 +187,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> key_backward(const at::Tensor& gr
         scalar_t* dx_base = grad_x.data_ptr<scalar_t>() + b * T * C + h * d;
         std::fill(carried.begin(), carried.end(), 0.f);
         float decay_dot = 0.f, scale_dot = 0.f;
-        for (int64_t t = T - 1; t >= 0; --t) {
-          const scalar_t* g = g_base + t * grad.stride(2);
-          const float* s = states.data() + t * d;
-          const float factor = s_h / std::max(norms[t], EPS);
-          const float sg = dot(s, g, d);
-          scale_dot += factor * sg / s_h;  // <u, g>, u = k / scale
-          // dL/ds (local) = factor (g - u <u, g>) = factor g - s (factor <s, g> / |s|^2); no projection where clamped
-          const float along = norms[t] > EPS ? factor * sg / (norms[t] * norms[t]) : 0.f;
-          scalar_t* dx = dx_base + t * C;
-          SIMD
-          for (int64_t j = 0; j < d; ++j) {
-            carried[j] = factor * to_float(g[j]) - along * s[j] + a * carried[j];
-            dx[j] = from_float<scalar_t>(carried[j]);
+        for (int64_t chunk = chunks - 1; chunk >= 0; --chunk) {
+          const int64_t first = chunk * KEY_CHUNK, length = std::min(KEY_CHUNK, T - first);
+          // states row i + 1 holds s_(first + i); row 0 the state entering the chunk (zero for the first)
+          std::copy_n(entering.begin() + chunk * d, d, states.begin());
+          for (int64_t i = 0; i < length; ++i) {
+            scan_step(states.data() + i * d, first + i, states.data() + (i + 1) * d);
+            norms[i] = std::sqrt(squared_norm(states.data() + (i + 1) * d, d));
           }
-          if (t > 0) decay_dot += dot(carried.data(), s - d, d);
+          for (int64_t i = length - 1; i >= 0; --i) {
+            const int64_t t = first + i;
+            const scalar_t* g = g_base + t * grad.stride(2);
+            const float* s = states.data() + (i + 1) * d;
+            const float factor = s_h / std::max(norms[i], EPS);
+            const float sg = dot(s, g, d);
+            scale_dot += factor * sg / s_h;  // <u, g>, u = k / scale
+            // dL/ds (local) = factor (g - u <u, g>) = factor g - s (factor <s, g> / |s|^2); no projection where clamped
+            const float along = norms[i] > EPS ? factor * sg / (norms[i] * norms[i]) : 0.f;
+            scalar_t* dx = dx_base + t * C;
+            SIMD
+            for (int64_t j = 0; j < d; ++j) {
+              carried[j] = factor * to_float(g[j]) - along * s[j] + a * carried[j];
+              dx[j] = from_float<scalar_t>(carried[j]);
+            }
+            decay_dot += dot(carried.data(), s - d, d);  // <dL/ds_t, s_(t-1)>; s_(-1) = 0
+          }
         }
         decay_dots.data_ptr<float>()[b * heads + h] = decay_dot;
         scale_dots.data_ptr<float>()[b * heads + h] = scale_dot;
