@@ -1,4 +1,4 @@
-// Key and value features of the memories on CPUs, forward and backward, one pass per (batch, head).
+// Key and value features of the memories on CPUs, forward and backward, one (batch, head) sequence at a time.
 //
 // Plain twins: memory_mosaics.ops.leaky_average_reference + scaled_normalize_reference (keys) and
 // torch.lerp + scaled_normalize_reference (values). Python side, loading and fallback:
