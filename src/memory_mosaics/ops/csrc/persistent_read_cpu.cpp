@@ -37,17 +37,29 @@ void pack_panels(int64_t K, int64_t N, int64_t ld, const BFloat16* in, BFloat16*
   }
 }
 
-// Rows 2i and 2i+1 of a row-major bf16 matrix -> pair i of its packed panels. The packed layout is
-// (K / 2, 64, 2): consecutive rows interleaved element by element (checked by the tests through the
-// results: a wrong layout gives wrong gradients for k and v).
-void pack_row_pair(const BFloat16* row0, const BFloat16* row1, int64_t N, int64_t K, int64_t pair,
-                   BFloat16* panels) {
-  const auto* a = reinterpret_cast<const uint16_t*>(row0);
-  const auto* b = reinterpret_cast<const uint16_t*>(row1);
-  for (int64_t c = 0; c < N; c += PANEL) {
-    auto* out = reinterpret_cast<uint32_t*>(panels + c * K + pair * 2 * PANEL);
-    for (int64_t n = 0; n < PANEL; ++n) out[n] = uint32_t(a[c + n]) | (uint32_t(b[c + n]) << 16);
+// Indices for _mm512_permutex2var_epi16 that take a[start], b[start], a[start + 1], b[start + 1], ...
+// (entries 0-31 pick from a, 32-63 from b).
+__m512i interleave_indices(int start) {
+  alignas(64) uint16_t indices[32];
+  for (int n = 0; n < 16; ++n) {
+    indices[2 * n] = static_cast<uint16_t>(start + n);
+    indices[2 * n + 1] = static_cast<uint16_t>(32 + start + n);
   }
+  return _mm512_load_si512(indices);
+}
+
+// Two float vectors -> 2 x 16 bf16 numbers in one register, a first (rounded to nearest even). An
+// AVX512-BF16 instruction: the Python loader builds and runs the kernel only where the CPU has it.
+__m512i bf16_pair(const Vec& a, const Vec& b) { return (__m512i)_mm512_cvtne2ps_pbh(b, a); }
+
+// The same 32 columns of rows 2i (a) and 2i + 1 (b), as bf16 -> their place in pair i of the packed
+// panels, whose layout is (K / 2, 64, 2): the two rows interleaved element by element (checked by the
+// tests through the results: a wrong layout gives wrong gradients for k and v).
+void store_row_pair(__m512i a, __m512i b, int64_t column, int64_t K, int64_t pair, BFloat16* panels) {
+  static const __m512i first_half = interleave_indices(0), second_half = interleave_indices(16);
+  BFloat16* out = panels + (column - column % PANEL) * K + pair * 2 * PANEL + (column % PANEL) * 2;
+  _mm512_storeu_si512(reinterpret_cast<__m512i*>(out), _mm512_permutex2var_epi16(a, first_half, b));
+  _mm512_storeu_si512(reinterpret_cast<__m512i*>(out + 32), _mm512_permutex2var_epi16(a, second_half, b));
 }
 
 // C (M x N, row stride ldc) = A (M x K, row stride lda) times packed panels [+ C when accumulate].
@@ -58,10 +70,9 @@ void multiply(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldc, bool ac
   }
 }
 
-// Two float vectors -> 2 x 16 bf16 numbers stored at out, a first (rounded to nearest even). An
-// AVX512-BF16 instruction: the Python loader builds and runs the kernel only where the CPU has it.
+// bf16_pair(a, b) stored at out.
 void to_bf16(const Vec& a, const Vec& b, BFloat16* out) {
-  _mm512_storeu_si512(reinterpret_cast<__m512i*>(out), (__m512i)_mm512_cvtne2ps_pbh(b, a));
+  _mm512_storeu_si512(reinterpret_cast<__m512i*>(out), bf16_pair(a, b));
 }
 
 float horizontal_max(Vec v) {
@@ -160,9 +171,8 @@ std::vector<torch::Tensor> backward(torch::Tensor q, torch::Tensor k, torch::Ten
   at::parallel_for(0, H, 1, [&](int64_t begin, int64_t end) {
     const int64_t R = block_rows;
     std::vector<float> weights(R * P), grad_scores(R * P), row_dot(R), grad_q_rows(R * d);
-    std::vector<BFloat16> weights_bf(R * P), grad_scores_bf(R * P), weights_packed(R * P),
-        grad_scores_packed(R * P), grad_t(d * R), q_t(d * R), keys_t_packed(d * P), values_t_packed(d * P),
-        keys_packed(P * d);
+    std::vector<BFloat16> grad_scores_bf(R * P), weights_packed(R * P), grad_scores_packed(R * P), grad_t(d * R),
+        q_t(d * R), keys_t_packed(d * P), values_t_packed(d * P), keys_packed(P * d);
     for (int64_t h = begin; h < end; ++h) {
       const BFloat16 *qh = qp + h * N * d, *gh = gp + h * N * d, *oh = op + h * N * d;
       const float* lh = lp + h * N;
@@ -185,27 +195,26 @@ std::vector<torch::Tensor> backward(torch::Tensor q, torch::Tensor k, torch::Ten
         }
         if (even_rows != rows) {  // a zero row pairs with the last one
           for (int64_t e = 0; e < d; ++e) grad_t[e * R + rows] = q_t[e * R + rows] = BFloat16(0.f);
-          std::fill_n(weights_bf.data() + rows * P, P, BFloat16(0.f));
-          std::fill_n(grad_scores_bf.data() + rows * P, P, BFloat16(0.f));
         }
         multiply(rows, P, d, d, P, false, qh + m * d, keys_t_packed.data(), weights.data());       // S
         multiply(rows, P, d, d, P, false, gh + m * d, values_t_packed.data(), grad_scores.data());  // dW
-        for (int64_t r = 0; r < rows; ++r) {
-          const float *s = weights.data() + r * P, *dw = grad_scores.data() + r * P;
-          BFloat16 *w = weights_bf.data() + r * P, *ds = grad_scores_bf.data() + r * P;
-          const Vec row_lse(lh[m + r]), dot(row_dot[r]);
-          for (int64_t j = 0; j < P; j += 2 * Vec::size()) {
-            const int64_t k = j + Vec::size();
-            Vec p0 = (Vec::loadu(s + j) - row_lse).exp_u20(), p1 = (Vec::loadu(s + k) - row_lse).exp_u20();  // W
-            to_bf16(p0, p1, w + j);
-            to_bf16(p0 * (Vec::loadu(dw + j) - dot), p1 * (Vec::loadu(dw + k) - dot), ds + j);  // dS = W (dW - <dO, O>)
-          }
-        }
+        // W = exp(S - lse) and dS = W (dW - <dO, O>), two rows at a time: written packed for the dV and dK
+        // products, and dS also row-major for the dQ product.
         for (int64_t r = 0; r < even_rows; r += 2) {
-          pack_row_pair(weights_bf.data() + r * P, weights_bf.data() + (r + 1) * P, P, even_rows, r / 2,
-                        weights_packed.data());
-          pack_row_pair(grad_scores_bf.data() + r * P, grad_scores_bf.data() + (r + 1) * P, P, even_rows,
-                        r / 2, grad_scores_packed.data());
+          for (int64_t j = 0; j < P; j += 2 * Vec::size()) {
+            __m512i w[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()}, ds[2] = {w[0], w[1]};
+            for (int64_t i = 0; i < 2 && r + i < rows; ++i) {
+              const float *s = weights.data() + (r + i) * P + j, *dw = grad_scores.data() + (r + i) * P + j;
+              const Vec row_lse(lh[m + r + i]), dot(row_dot[r + i]);
+              const Vec p0 = (Vec::loadu(s) - row_lse).exp_u20();
+              const Vec p1 = (Vec::loadu(s + Vec::size()) - row_lse).exp_u20();
+              w[i] = bf16_pair(p0, p1);
+              ds[i] = bf16_pair(p0 * (Vec::loadu(dw) - dot), p1 * (Vec::loadu(dw + Vec::size()) - dot));
+              _mm512_storeu_si512(reinterpret_cast<__m512i*>(grad_scores_bf.data() + (r + i) * P + j), ds[i]);
+            }
+            store_row_pair(w[0], w[1], j, even_rows, r / 2, weights_packed.data());
+            store_row_pair(ds[0], ds[1], j, even_rows, r / 2, grad_scores_packed.data());
+          }
         }
         multiply(d, P, even_rows, R, P, true, grad_t.data(), weights_packed.data(), dvtp + h * d * P);  // dV^T
         multiply(d, P, even_rows, R, P, true, q_t.data(), grad_scores_packed.data(), dktp + h * d * P);  // dK^T
