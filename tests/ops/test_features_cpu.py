@@ -70,31 +70,6 @@ def relative_errors(got, expected):
 KEY_CASES = [(1, 8), (2, 16), (37, 12), (70, 64)]  # (T, d): one step, d without 16-lane multiples, T > 64
 
 
-@pytest.mark.parametrize(("length", "dim"), KEY_CASES)
-def test_key_features_match_the_plain_form_in_float32(length, dim):
-    wide, (decay, _, scale), grad = problem(length, dim)
-
-    def kernel(p, a, s):
-        return features_cpu.key_features(p, HEADS, a, s)
-
-    got = outputs_and_grads(kernel, wide, [decay, scale], grad, torch.float32)
-    expected = outputs_and_grads(plain_keys, wide, [decay, scale], grad, torch.float64)
-    assert max(relative_errors(got, expected)) < 1e-5
-
-
-@pytest.mark.parametrize(("length", "dim"), KEY_CASES)
-@pytest.mark.parametrize("shift", [1, 2])
-def test_value_features_match_the_plain_form_in_float32(length, dim, shift):
-    wide, (_, mix, scale), grad = problem(length, dim, seed=1)
-
-    def kernel(p, m, s):
-        return features_cpu.value_features(p, HEADS, shift, m, s)
-
-    got = outputs_and_grads(kernel, wide, [mix, scale], grad, torch.float32)
-    expected = outputs_and_grads(lambda p, m, s: plain_values(p, m, s, shift), wide, [mix, scale], grad, torch.float64)
-    assert max(relative_errors(got, expected)) < 1e-5
-
-
 def operator_keys(projected, decay, scale):
     """The fast path without the kernel: the chunked scan, then the hand-written normalisation."""
     return scaled_normalize(leaky_average(split(projected), decay), scale)
@@ -106,13 +81,23 @@ def operator_values(projected, mix, scale):
     return scaled_normalize(torch.lerp(split(ahead), split(projected), mix.to(projected.dtype)[:, None, None]), scale)
 
 
-def feature(kind: str, decay, mix, scale):
-    """(per-head parameters, kernel, plain twin, operator path) of the keys or the values (shift 1)."""
+def feature(kind: str, decay, mix, scale, shift: int = 1):
+    """(per-head parameters, kernel, plain twin, operator path — shift 1) of the keys or the values."""
     if kind == "keys":
         kernel = lambda p, a, s: features_cpu.key_features(p, HEADS, a, s)  # noqa: E731
         return [decay, scale], kernel, plain_keys, operator_keys
-    kernel = lambda p, m, s: features_cpu.value_features(p, HEADS, 1, m, s)  # noqa: E731
-    return [mix, scale], kernel, (lambda p, m, s: plain_values(p, m, s, 1)), operator_values
+    kernel = lambda p, m, s: features_cpu.value_features(p, HEADS, shift, m, s)  # noqa: E731
+    return [mix, scale], kernel, (lambda p, m, s: plain_values(p, m, s, shift)), operator_values
+
+
+@pytest.mark.parametrize(("length", "dim"), KEY_CASES)
+@pytest.mark.parametrize(("kind", "shift"), [("keys", 1), ("values", 1), ("values", 2)])
+def test_features_match_the_plain_form_in_float32(kind, shift, length, dim):
+    wide, per_head, grad = problem(length, dim, seed=0 if kind == "keys" else 1)
+    params, kernel, plain, _ = feature(kind, *per_head, shift=shift)
+    got = outputs_and_grads(kernel, wide, params, grad, torch.float32)
+    expected = outputs_and_grads(plain, wide, params, grad, torch.float64)
+    assert max(relative_errors(got, expected)) < 1e-5
 
 
 @pytest.mark.parametrize("kind", ["keys", "values"])

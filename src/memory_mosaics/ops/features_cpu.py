@@ -71,11 +71,11 @@ class KeyFeaturesCPU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         projected, decay, scale = ctx.saved_tensors
-        grad_x, decay_dots, scale_dots = kernel().key_backward(
-            grad, projected, ctx.heads, _per_head(decay), _per_head(scale)
-        )
+        decay_float = _per_head(decay)
+        scale_float = _per_head(scale)
+        grad_x, decay_dots, scale_dots = kernel().key_backward(grad, projected, ctx.heads, decay_float, scale_float)
         # d s_t / d a = s_{t-1} + a d s_{t-1} / d a, so dL/da = sum_t <dL/ds_t, s_{t-1}>; a = exp(-decay).
-        grad_decay = (-torch.exp(-_per_head(decay)) * decay_dots.sum(0)).to(decay.dtype)
+        grad_decay = (-torch.exp(-decay_float) * decay_dots.sum(0)).to(decay.dtype)
         return grad_x, grad_decay, scale_dots.sum(0).to(scale.dtype), None
 
 
