@@ -10,6 +10,7 @@ features kernel (`ops/features_cpu.py`) and the persistent-read kernel (`ops/per
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import sys
@@ -18,6 +19,8 @@ from unittest import mock
 
 import torch
 
+from memory_mosaics.commands._common import check_writable
+from memory_mosaics.errors import MosaicError
 from memory_mosaics.models.memory_mosaic import MemoryMosaic, MemoryMosaicConfig
 from memory_mosaics.ops import features_cpu, persistent_read_cpu
 
@@ -38,6 +41,14 @@ def loss_and_gradient(model, tokens, bf16: bool, features: bool = True, persiste
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", default=str(RESULTS / "bf16_gradient_error.json"), help="where to write the result")
+    args = parser.parse_args()
+    RESULTS.mkdir(exist_ok=True)
+    try:  # before the work, not after it
+        check_writable(args.json, "--json")
+    except MosaicError as err:
+        parser.error(str(err))
     torch.manual_seed(0)
     shape = {"vocab_size": 4096, "n_layer": 4, "n_head": 4, "n_embd": 256, "pmem_size": 896, "block_size": 256}
     config = MemoryMosaicConfig(**shape, dropout=0.0)
@@ -57,10 +68,8 @@ def main() -> int:
                 }
             )
             print(json.dumps(rows[-1]), file=sys.stderr)
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / "bf16_gradient_error.json"
-    out.write_text(json.dumps({"loss_float64": loss64, "rows": rows}, indent=2) + "\n")
-    print(f"wrote {out}")
+    Path(args.json).write_text(json.dumps({"loss_float64": loss64, "rows": rows}, indent=2) + "\n")
+    print(f"wrote {args.json}")
     return 0
 
 
