@@ -26,6 +26,8 @@ import torch.nn.functional as F
 import memory_mosaics.layers.memory as memory_layers
 import memory_mosaics.models.memory_mosaic as mosaic_model
 from memory_mosaics.bench.throughput import ThroughputSettings, build_model, training_step
+from memory_mosaics.commands._common import check_writable
+from memory_mosaics.errors import MosaicError
 from memory_mosaics.ops import (
     context_retrieval,
     features_cpu,
@@ -245,22 +247,41 @@ def main() -> int:
     parser.add_argument("--components", action="store_true", help="time single pieces and layers instead")
     parser.add_argument("--json", default=None, help="default results/ablation.json (or components.json)")
     args = parser.parse_args()
+    # Checked before the minutes of measuring: an unknown variant would be timed unpatched, as the full model.
+    variants = args.variants.split(",")
+    unknown = [name for name in variants if name not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown --variants {unknown}; known: {list(VARIANTS)}")
+    try:
+        lengths = [int(v) for v in args.lengths.split(",")]
+    except ValueError:
+        parser.error(f"--lengths: expected comma-separated integers, got {args.lengths!r}")
+    dtypes = args.dtypes.split(",")
+    if min(lengths) < 2 or args.rounds < 1 or args.threads < 0 or not set(dtypes) <= {"bfloat16", "float32"}:
+        parser.error(
+            "--lengths must be at least 2, --rounds at least 1, --threads at least 0, --dtypes bfloat16/float32"
+        )
+    path = Path(args.json or RESULTS / ("components.json" if args.components else "ablation.json"))
+    try:
+        if args.json is None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        check_writable(path, "--json")
+    except (OSError, MosaicError) as err:
+        parser.error(str(err))
     if args.threads:
         torch.set_num_threads(args.threads)
     assert memory_layers.leaky_average is leaky_average_now  # the patch targets the name the layers use
     cells = []
-    for length in (int(v) for v in args.lengths.split(",")):
-        for dtype in args.dtypes.split(","):
+    for length in lengths:
+        for dtype in dtypes:
             if args.components:
                 cells.append(components(length, dtype, args.rounds))
                 print(json.dumps(cells[-1]))
                 continue
-            cell = measure(length, dtype, args.rounds, args.variants.split(","))
+            cell = measure(length, dtype, args.rounds, variants)
             cells.append(cell)
             print(json.dumps({k: cell[k] for k in ("seq_len", "dtype", "slowdown_without", "mosaic_over_gpt")}))
     result = {"threads": torch.get_num_threads(), "rounds": args.rounds, "cells": cells}
-    path = Path(args.json or RESULTS / ("components.json" if args.components else "ablation.json"))
-    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     return 0
 
