@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 
 from memory_mosaics.bench.throughput import leaky_scan_in_use
+from memory_mosaics.commands._common import check_writable
+from memory_mosaics.errors import MosaicError
 from memory_mosaics.ops import features_cpu, leaky_average, leaky_average_reference
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -60,6 +62,14 @@ def main() -> int:
     parser.add_argument("--json", default=str(RESULTS / "leaky_scaling.json"))
     parser.add_argument("--png", default=str(RESULTS / "leaky_scaling.png"))
     args = parser.parse_args()
+    if args.max_length < 256 or args.repeats < 1 or args.threads < 1:
+        parser.error("--max-length must be at least 256, --repeats and --threads at least 1")
+    RESULTS.mkdir(exist_ok=True)
+    try:  # before the work, not after it
+        for flag, path in (("--json", args.json), ("--png", args.png)):
+            check_writable(path, flag)
+    except MosaicError as err:
+        parser.error(str(err))
     torch.set_num_threads(args.threads)
     heads, dim = 4, 64
     beta = torch.linspace(0.5, 5.0, heads, device=args.device)
@@ -91,7 +101,6 @@ def main() -> int:
         "rows": rows,
         "time_growth_over_length_growth": growth,
     }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     plot(rows, args.png)
     print(f"T x{last['seq_len'] // first['seq_len']}: time x{last['chunked_seconds'] / first['chunked_seconds']:.0f}")
