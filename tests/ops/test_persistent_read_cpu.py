@@ -24,7 +24,9 @@ def bf16_problem(heads: int, rows: int, dim: int, slots: int, seed: int = 0):
 
 
 def read_and_grads(fn, queries, keys, values, grad, dtype):
-    leaves = [t.to(dtype).requires_grad_() for t in (queries, keys, values)]
+    # Copies: for bf16 inputs `.to` would return the problem's own tensors, and a second call on the same
+    # problem would then accumulate its gradients into the first call's.
+    leaves = [t.to(dtype, copy=True).requires_grad_() for t in (queries, keys, values)]
     out = fn(*leaves)
     out.backward(grad.to(dtype))
     return [out.detach()] + [leaf.grad for leaf in leaves]
