@@ -9,6 +9,11 @@
 // in the L2 cache: scores and their gradient in float32 (products by oneDNN's brgemm micro-kernel with
 // bf16 operands packed once per head), the exponential, the softmax backward and the bf16 conversion
 // fused in one vectorised loop, and dK, dV accumulated in float32 over the blocks.
+//
+// The exponential is ATen's fexp_u20 (a degree-3 polynomial; relative error at most 1.1e-4 on [-87, 0],
+// measured against float64), not exp_u20 (degree 5): every weight is rounded to bf16 (relative step 2^-9
+// = 2e-3) before it is used, so the extra error does not show (errors against float64 unchanged to two
+// digits), and in interleaved runs the forward pass took 4-15 % less time, the backward 2-10 % less.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
@@ -28,12 +33,20 @@ using at::BFloat16;
 using Vec = at::vec::Vectorized<float>;
 namespace cpublas = at::native::cpublas;
 
-constexpr int64_t PANEL = 64;  // brgemm multiplies by packed right factors 64 columns at a time
+constexpr int64_t PANEL = 64;  // d and P must be multiples of this (whole AVX-512 registers, even row counts)
 
-// A row-major (K x N) bf16 matrix with row stride ld -> N / 64 packed (K x 64) panels, one after another.
-void pack_panels(int64_t K, int64_t N, int64_t ld, const BFloat16* in, BFloat16* out) {
-  for (int64_t c = 0; c < N; c += PANEL) {
-    cpublas::pack(K, PANEL, ld, PANEL, at::kBFloat16, at::kBFloat16, in + c, out + c * K);
+// The micro-kernel's right factors are "VNNI"-packed: a (K x N) matrix, K even, as (K / 2, N, 2) — rows
+// 2i and 2i + 1 interleaved element by element. One product takes the whole width N at once: measured
+// against 64-column panels (cpublas::pack's widest), a (128 x 64) by (64 x 896) product took 25 instead
+// of 35 us, and (64 x 128) by (128 x 896) 24 instead of 26 (one thread, median of 7 x 100 calls).
+void pack_pairs(int64_t K, int64_t N, int64_t ld, const BFloat16* in, BFloat16* out) {
+  for (int64_t pair = 0; pair < K / 2; ++pair) {
+    const BFloat16 *even = in + 2 * pair * ld, *odd = even + ld;
+    BFloat16* row = out + pair * 2 * N;
+    for (int64_t n = 0; n < N; ++n) {
+      row[2 * n] = even[n];
+      row[2 * n + 1] = odd[n];
+    }
   }
 }
 
@@ -52,22 +65,20 @@ __m512i interleave_indices(int start) {
 // AVX512-BF16 instruction: the Python loader builds and runs the kernel only where the CPU has it.
 __m512i bf16_pair(const Vec& a, const Vec& b) { return (__m512i)_mm512_cvtne2ps_pbh(b, a); }
 
-// The same 32 columns of rows 2i (a) and 2i + 1 (b), as bf16 -> their place in pair i of the packed
-// panels, whose layout is (K / 2, 64, 2): the two rows interleaved element by element (checked by the
-// tests through the results: a wrong layout gives wrong gradients for k and v).
-void store_row_pair(__m512i a, __m512i b, int64_t column, int64_t K, int64_t pair, BFloat16* panels) {
+// The same 32 columns of rows 2i (a) and 2i + 1 (b), as bf16 -> their place in pair i of a packed
+// (K x N) factor (see pack_pairs; checked by the tests through the results: a wrong layout gives wrong
+// gradients for k and v).
+void store_row_pair(__m512i a, __m512i b, int64_t column, int64_t N, int64_t pair, BFloat16* packed) {
   static const __m512i first_half = interleave_indices(0), second_half = interleave_indices(16);
-  BFloat16* out = panels + (column - column % PANEL) * K + pair * 2 * PANEL + (column % PANEL) * 2;
+  BFloat16* out = packed + pair * 2 * N + column * 2;
   _mm512_storeu_si512(reinterpret_cast<__m512i*>(out), _mm512_permutex2var_epi16(a, first_half, b));
   _mm512_storeu_si512(reinterpret_cast<__m512i*>(out + 32), _mm512_permutex2var_epi16(a, second_half, b));
 }
 
-// C (M x N, row stride ldc) = A (M x K, row stride lda) times packed panels [+ C when accumulate].
+// C (M x N, row stride ldc) = A (M x K, row stride lda) times packed (K x N) [+ C when accumulate].
 void multiply(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldc, bool accumulate, const BFloat16* A,
-              const BFloat16* panels, float* C) {
-  for (int64_t c = 0; c < N; c += PANEL) {
-    cpublas::brgemm(M, PANEL, K, lda, PANEL, ldc, accumulate, A, panels + c * K, C + c);
-  }
+              const BFloat16* packed, float* C) {
+  cpublas::brgemm(M, N, K, lda, N, ldc, accumulate, A, packed, C);
 }
 
 // bf16_pair(a, b) stored at out.
@@ -117,8 +128,8 @@ std::vector<torch::Tensor> forward(torch::Tensor q, torch::Tensor k, torch::Tens
     std::vector<float> scores(R * P), read(R * d);
     std::vector<BFloat16> weights(R * P), keys_packed(d * P), values_packed(P * d);
     for (int64_t h = begin; h < end; ++h) {
-      pack_panels(d, P, P, ktp + h * d * P, keys_packed.data());
-      pack_panels(P, d, d, vp + h * P * d, values_packed.data());
+      pack_pairs(d, P, P, ktp + h * d * P, keys_packed.data());
+      pack_pairs(P, d, d, vp + h * P * d, values_packed.data());
       for (int64_t m = 0; m < N; m += R) {
         const int64_t rows = std::min(R, N - m);
         multiply(rows, P, d, d, P, false, qp + (h * N + m) * d, keys_packed.data(), scores.data());
@@ -129,7 +140,7 @@ std::vector<torch::Tensor> forward(torch::Tensor q, torch::Tensor k, torch::Tens
           const float row_max = horizontal_max(vmax);
           Vec vsum(0.f);
           for (int64_t j = 0; j < P; j += Vec::size()) {
-            Vec e = (Vec::loadu(s + j) - Vec(row_max)).exp_u20();
+            Vec e = (Vec::loadu(s + j) - Vec(row_max)).fexp_u20();
             e.store(s + j);
             vsum = vsum + e;
           }
@@ -176,9 +187,9 @@ std::vector<torch::Tensor> backward(torch::Tensor q, torch::Tensor k, torch::Ten
     for (int64_t h = begin; h < end; ++h) {
       const BFloat16 *qh = qp + h * N * d, *gh = gp + h * N * d, *oh = op + h * N * d;
       const float* lh = lp + h * N;
-      pack_panels(d, P, P, ktp + h * d * P, keys_t_packed.data());
-      pack_panels(d, P, P, vtp + h * d * P, values_t_packed.data());
-      pack_panels(P, d, d, kp + h * P * d, keys_packed.data());
+      pack_pairs(d, P, P, ktp + h * d * P, keys_t_packed.data());
+      pack_pairs(d, P, P, vtp + h * d * P, values_t_packed.data());
+      pack_pairs(P, d, d, kp + h * P * d, keys_packed.data());
       for (int64_t m = 0; m < N; m += R) {
         const int64_t rows = std::min(R, N - m);
         const int64_t even_rows = rows + (rows & 1);  // the inner size of the dK, dV products must be even
@@ -206,14 +217,14 @@ std::vector<torch::Tensor> backward(torch::Tensor q, torch::Tensor k, torch::Ten
             for (int64_t i = 0; i < 2 && r + i < rows; ++i) {
               const float *s = weights.data() + (r + i) * P + j, *dw = grad_scores.data() + (r + i) * P + j;
               const Vec row_lse(lh[m + r + i]), dot(row_dot[r + i]);
-              const Vec p0 = (Vec::loadu(s) - row_lse).exp_u20();
-              const Vec p1 = (Vec::loadu(s + Vec::size()) - row_lse).exp_u20();
+              const Vec p0 = (Vec::loadu(s) - row_lse).fexp_u20();
+              const Vec p1 = (Vec::loadu(s + Vec::size()) - row_lse).fexp_u20();
               w[i] = bf16_pair(p0, p1);
               ds[i] = bf16_pair(p0 * (Vec::loadu(dw) - dot), p1 * (Vec::loadu(dw + Vec::size()) - dot));
               _mm512_storeu_si512(reinterpret_cast<__m512i*>(grad_scores_bf.data() + (r + i) * P + j), ds[i]);
             }
-            store_row_pair(w[0], w[1], j, even_rows, r / 2, weights_packed.data());
-            store_row_pair(ds[0], ds[1], j, even_rows, r / 2, grad_scores_packed.data());
+            store_row_pair(w[0], w[1], j, P, r / 2, weights_packed.data());
+            store_row_pair(ds[0], ds[1], j, P, r / 2, grad_scores_packed.data());
           }
         }
         multiply(d, P, even_rows, R, P, true, grad_t.data(), weights_packed.data(), dvtp + h * d * P);  // dV^T
