@@ -67,7 +67,9 @@ def relative_errors(got, expected):
     return [((g - e).abs().max() / e.abs().max().clamp_min(1.0)).item() for g, e in zip(got, expected, strict=True)]
 
 
-KEY_CASES = [(1, 8), (2, 16), (37, 12), (70, 64)]  # (T, d): one step, d without 16-lane multiples, T > 64
+# (T, d): one step, d without 16-lane multiples, T > 64; d = 32, 64 and 128 run the kernels' unrolled
+# forms (compile-time d), the others the general one.
+KEY_CASES = [(1, 8), (2, 16), (37, 12), (70, 64), (33, 32), (5, 128)]
 
 
 def operator_keys(projected, decay, scale):
