@@ -72,3 +72,21 @@ def test_resolve_checkpoint(tmp_path):
     tiny_model().save_pretrained(tmp_path / "run" / "checkpoint")
     assert resolve_checkpoint(tmp_path / "run") == tmp_path / "run" / "checkpoint"
     assert resolve_checkpoint(tmp_path / "run" / "checkpoint") == tmp_path / "run" / "checkpoint"
+
+
+def test_the_optimizer_is_fused_where_torch_has_it_and_steps_like_the_plain_one():
+    """On CPUs torch >= 2.4 has a fused AdamW (one kernel per step instead of a dozen operations per
+    tensor); make_optimizer takes it, and its steps match torch's default implementation."""
+    fused_model, plain_model = tiny_model(), tiny_model()
+    plain_model.load_state_dict(fused_model.state_dict())
+    fused = make_optimizer(fused_model, 1e-2, 0.1, (0.9, 0.95))
+    plain = torch.optim.AdamW(param_groups(plain_model, 0.1), lr=1e-2, betas=(0.9, 0.95))
+    assert fused.defaults["fused"] is (torch.torch_version.TorchVersion(torch.__version__) >= "2.4")
+    x = torch.randint(0, 64, (2, 16))
+    for _ in range(3):
+        for model, optimizer in ((fused_model, fused), (plain_model, plain)):
+            model(x, x)[1].backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    for a, b in zip(fused_model.parameters(), plain_model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

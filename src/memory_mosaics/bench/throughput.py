@@ -1,9 +1,10 @@
 """Training throughput of Memory Mosaic against GPT at equal parameter counts.
 
-One step = forward + backward + AdamW update on a random batch. In each cell (sequence length x
-dtype) the models are measured in interleaved rounds inside one process, the order rotating from
-round to round, so a slowdown of a shared machine hits every model alike; we report each model's
-median and the ratio of medians (absolute tokens/s on a busy machine mean little).
+One step = forward + backward + AdamW update on a random batch (the trainer's AdamW, `train.optim`,
+fused where torch has it, for every model). In each cell (sequence length x dtype) the models are
+measured in interleaved rounds inside one process, the order rotating from round to round, so a
+slowdown of a shared machine hits every model alike; we report each model's median and the ratio of
+medians (absolute tokens/s on a busy machine mean little).
 
 Three models: the project's MemoryMosaic and GPT, and a plain nanoGPT written in this package
 (`nanogpt.py`) that keeps the project's GPT honest. Peak memory is measured per model in a fresh
@@ -25,6 +26,7 @@ from torch import nn
 
 from memory_mosaics import GPT, GPTConfig, MemoryMosaic, MemoryMosaicConfig
 from memory_mosaics.bench.nanogpt import NanoGPT, NanoGPTConfig
+from memory_mosaics.train.optim import make_optimizer
 
 MODELS = ("mosaic", "gpt", "nanogpt")
 
@@ -76,7 +78,7 @@ def build_model(name: str, settings: ThroughputSettings, length: int) -> nn.Modu
 
 def training_step(model: nn.Module, settings: ThroughputSettings, length: int, dtype: str) -> Callable[[], None]:
     """A closure running one optimisation step on a fresh random batch."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = make_optimizer(model, lr=1e-4, weight_decay=0.1, betas=(0.9, 0.95))
     device, vocab = settings.device, model.config.vocab_size
     autocast = torch.autocast(device_type=device, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
 

@@ -16,6 +16,7 @@ import torch
 
 from memory_mosaics import MemoryMosaic, MemoryMosaicConfig
 from memory_mosaics.commands._common import write_json
+from memory_mosaics.train.optim import adamw
 
 
 def copy_task_batch(batch_size: int, half: int, vocab_size: int, generator: torch.Generator):
@@ -41,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
         dropout=0.0,
     )
     model = MemoryMosaic(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    optimizer = adamw(model.parameters(), lr=args.lr, weight_decay=0.0)
     print(
         f"Memory Mosaic with {model.num_params():,} non-embedding parameters; copy task, "
         f"{args.half} random symbols of {args.vocab_size - 1} then the same again"

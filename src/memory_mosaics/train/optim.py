@@ -25,9 +25,23 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+def adamw(params, **options) -> torch.optim.AdamW:
+    """torch's AdamW as one fused kernel per step wherever this torch has it for the weights (CUDA; CPUs
+    from torch 2.4), otherwise torch's default implementation.
+
+    On CPUs torch's default is a loop of a dozen small operations per tensor: on this project's CPU one
+    step for the `mosaic bench` Memory Mosaic (66 tensors) took 20.0 ms that way and 6.5 ms fused, for the
+    GPT (27 tensors) 17.7 and 6.1 ms; the weights after 5 steps agree within 6e-8.
+    """
+    params = list(params)  # it may be a generator, and may be needed twice
+    try:
+        return torch.optim.AdamW(params, fused=True, **options)
+    except RuntimeError:  # a device or dtype without the fused kernel, or an older torch
+        return torch.optim.AdamW(params, **options)
+
+
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float]) -> torch.optim.AdamW:
-    on_cuda = next(model.parameters()).is_cuda
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, fused=True if on_cuda else None)
+    return adamw(param_groups(model, weight_decay), lr=lr, betas=betas)
 
 
 def lr_at(step: int, max_lr: float, min_lr: float, warmup_steps: int, decay_steps: int) -> float:

@@ -25,6 +25,7 @@ from memory_mosaics.errors import ConfigError
 from memory_mosaics.tasks.regbench.data import IGNORE, Prompt, RegBenchSplits, make_batch
 from memory_mosaics.tasks.regbench.metrics import MetricSums, next_symbol_masks, score_logits
 from memory_mosaics.tasks.regbench.models import build_model, count_params
+from memory_mosaics.train.optim import adamw
 
 # Longest input the benchmark's generator can make: 19 strings of 49 letters and 18 separators.
 DEFAULT_BLOCK_SIZE = 1024
@@ -110,7 +111,7 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
         {"params": decay, "weight_decay": config.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.999))
+    return adamw(groups, lr=config.lr, betas=(0.9, 0.999))
 
 
 def _autocast(config: TrainConfig, device: torch.device):
