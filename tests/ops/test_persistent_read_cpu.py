@@ -76,12 +76,14 @@ def test_kernel_is_as_accurate_as_the_fused_attention_kernel():
 def test_persistent_retrieval_uses_the_kernel_in_bf16_and_not_otherwise(monkeypatch):
     calls = []
     original = persistent_read_cpu.persistent_read_cpu
-    monkeypatch.setattr(persistent_read_cpu, "persistent_read_cpu", lambda *a: calls.append(1) or original(*a))
+    monkeypatch.setattr(
+        persistent_read_cpu, "persistent_read_cpu", lambda *a: calls.append([t.dtype for t in a]) or original(*a)
+    )
     queries, keys, values, _ = bf16_problem(4, 64, 64, 128)
     batched = queries.view(4, 2, 32, 64).transpose(0, 1)  # (B, H, T, d)
     tables = keys[None].float(), values[None].float()
     persistent_retrieval(batched, *tables)
-    assert len(calls) == 1
+    assert calls == [[torch.bfloat16, torch.float32, torch.float32]]  # float32 tables reach the kernel as they are
     persistent_retrieval(batched.float(), *tables)  # float32: the fused attention kernel
     persistent_retrieval(batched, *tables, dropout_p=0.1, training=True)  # dropout: the fused kernel's own
     assert len(calls) == 1
@@ -118,3 +120,27 @@ def test_kernel_is_not_used_where_it_does_not_apply():
     assert not persistent_read_cpu.usable(queries[..., :32], keys[..., :32], dropout=False)
     assert not persistent_read_cpu.usable(queries, keys[:, :, :100], dropout=False)
     assert not persistent_read_cpu.usable(queries, keys, dropout=True)
+
+
+@needs_kernel
+def test_float32_tables_are_read_as_their_bf16_roundings_and_get_float32_gradients():
+    """The kernel rounds float32 tables to bf16 while packing them: the read and dq are those of the
+    tables' bf16 copies bit for bit, and the tables' gradients are the float32 sums that bf16 tables
+    receive rounded."""
+    queries, keys, values, grad = bf16_problem(2, 300, 64, 128, seed=3)
+    keys, values = keys.float() + 1e-3 * torch.randn(keys.shape), values.float()  # not all bf16 numbers
+
+    def run(table_dtype):
+        leaves = [queries.clone().requires_grad_()] + [
+            t.to(table_dtype, copy=True).requires_grad_() for t in (keys, values)
+        ]
+        out = persistent_read_cpu.persistent_read_cpu(*leaves)
+        out.backward(grad)
+        return [out.detach()] + [leaf.grad for leaf in leaves]
+
+    from_float, from_bf16 = run(torch.float32), run(torch.bfloat16)
+    assert [t.dtype for t in from_float[2:]] == [torch.float32, torch.float32]
+    assert torch.equal(from_float[0], from_bf16[0]) and torch.equal(from_float[1], from_bf16[1])
+    for ours, theirs in zip(from_float[2:], from_bf16[2:], strict=True):
+        assert torch.equal(ours.bfloat16(), theirs)
+        assert not torch.equal(ours, theirs.float())  # more than bf16's 8 bits survive

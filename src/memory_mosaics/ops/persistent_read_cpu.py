@@ -9,7 +9,9 @@ extension builder (about 40 s; cached under torch's extension folder) and used o
 - the CPU has AVX512-BF16 and packs bf16 for the micro-kernels (AMX), and the build succeeds
   (`cpu_extensions`) — otherwise `kernel()` returns None (the reason logged at INFO) and callers keep
   the fused attention path;
-- bf16 inputs, d and P multiples of 64, no dropout (the callers check; see `usable`).
+- bf16 queries, float32 or bf16 tables (read and rounded where they are: no bf16 copy of them is made,
+  and float32 tables get their float32 gradients without a round trip through bf16), d and P multiples
+  of 64, no dropout (the callers check; see `usable`).
 
 `MOSAIC_CPU_KERNEL=0` turns it off. The plain twin it is tested against is
 `retrieval.persistent_retrieval_reference`.
@@ -51,12 +53,14 @@ def kernel():
 
 
 def usable(queries: Tensor, memory_keys: Tensor, dropout: bool) -> bool:
-    """Whether the kernel applies to this call (before building it): CPU, bf16, sizes in 64s, no dropout."""
+    """Whether the kernel applies to this call (before building it): CPU, bf16 queries, float32 or bf16
+    tables, sizes in 64s, no dropout."""
     return (
         cpu_extensions.enabled()
         and not dropout
         and queries.device.type == "cpu"
         and queries.dtype == torch.bfloat16
+        and memory_keys.dtype in (torch.float32, torch.bfloat16)
         and queries.shape[-1] % PANEL == 0
         and memory_keys.shape[-2] % PANEL == 0
         and kernel() is not None
@@ -77,10 +81,12 @@ class PersistentReadCPU(torch.autograd.Function):
         grad_queries, grad_keys_t, grad_values_t = kernel().backward(
             queries, keys, values, out, lse, grad_out.contiguous(), BLOCK_ROWS
         )
-        # dK and dV come as float32 (H, d, P) sums over every query; autograd casts them to the tables' dtype.
+        # dK and dV come as float32 (H, d, P) sums over every query: float32 tables (the parameters, which
+        # the kernel reads directly) take them as they are; for bf16 tables autograd rounds them.
         return grad_queries, grad_keys_t.transpose(1, 2), grad_values_t.transpose(1, 2)
 
 
 def persistent_read_cpu(queries: Tensor, keys: Tensor, values: Tensor) -> Tensor:
-    """softmax(queries keys^T) values for (H, N, d) queries and one (H, P, d) table, all bf16."""
+    """softmax(queries keys^T) values for (H, N, d) bf16 queries and one (H, P, d) table, float32 or bf16
+    (rounded to bf16 for the products; the tables' gradients are summed in float32)."""
     return PersistentReadCPU.apply(queries, keys, values)

@@ -105,9 +105,11 @@ def persistent_retrieval(
     """
     batch, heads, length, dim = queries.shape
     dropout_p = dropout_p if training else 0.0
-    keys, values = memory_keys.to(queries.dtype), memory_values.to(queries.dtype)
     folded = queries.transpose(0, 1).reshape(1, heads, batch * length, dim)  # a view for head-major queries
     compiled = persistent_read_cpu.usable(queries, memory_keys, dropout=dropout_p > 0)
+    keys, values = memory_keys, memory_values
+    if not (compiled and keys.dtype == values.dtype):  # the kernel reads float32 or bf16 tables as they are
+        keys, values = keys.to(queries.dtype), values.to(queries.dtype)
     out = None
     for table_keys, table_values in zip(keys, values, strict=True):
         if compiled:  # bf16 on CPUs with AMX: the compiled kernel (persistent_read_cpu.py)

@@ -2,7 +2,8 @@
 //
 // Plain twin: memory_mosaics.ops.retrieval.persistent_retrieval_reference. Python side, loading and
 // fallback: memory_mosaics/ops/persistent_read_cpu.py. Shapes: q (H, N, d) with the batch folded into
-// N, k and v (H, P, d), all bf16 and contiguous; d and P multiples of 64.
+// N, bf16; the tables k and v (H, P, d), float32 (the parameters themselves) or bf16; all contiguous;
+// d and P multiples of 64.
 //
 // Why a kernel: on CPUs PyTorch's fused attention spends most of this read's backward pass in
 // elementwise work on the (N, P) weights. Here each block of query rows is done in one pass that stays
@@ -39,14 +40,49 @@ constexpr int64_t PANEL = 64;  // d and P must be multiples of this (whole AVX-5
 // 2i and 2i + 1 interleaved element by element. One product takes the whole width N at once: measured
 // against 64-column panels (cpublas::pack's widest), a (128 x 64) by (64 x 896) product took 25 instead
 // of 35 us, and (64 x 128) by (128 x 896) 24 instead of 26 (one thread, median of 7 x 100 calls).
-void pack_pairs(int64_t K, int64_t N, int64_t ld, const BFloat16* in, BFloat16* out) {
-  for (int64_t pair = 0; pair < K / 2; ++pair) {
-    const BFloat16 *even = in + 2 * pair * ld, *odd = even + ld;
-    BFloat16* row = out + pair * 2 * N;
-    for (int64_t n = 0; n < N; ++n) {
-      row[2 * n] = even[n];
-      row[2 * n + 1] = odd[n];
+//
+// The tables are packed from the parameters themselves, float32 or bf16, rounded to bf16 on the way:
+// no bf16 copy or transposed copy of a table is made first, and their gradients come back in float32.
+
+inline BFloat16 to_bf16(float x) { return BFloat16(x); }  // to nearest, ties to even
+inline BFloat16 to_bf16(BFloat16 x) { return x; }
+
+// Head h of a (H, P, d) table as the packed (P x d) right factor (P even).
+template <typename table_t>
+void pack_table(const table_t* table, int64_t P, int64_t d, BFloat16* out) {
+  for (int64_t pair = 0; pair < P / 2; ++pair) {
+    const table_t *even = table + 2 * pair * d, *odd = even + d;
+    BFloat16* row = out + pair * 2 * d;
+    for (int64_t e = 0; e < d; ++e) {
+      row[2 * e] = to_bf16(even[e]);
+      row[2 * e + 1] = to_bf16(odd[e]);
     }
+  }
+}
+
+// Head h of a (H, P, d) table as the packed (d x P) right factor of its transpose (d even): entries
+// (2i, j) and (2i + 1, j) of the transpose are entries 2i and 2i + 1 of table row j, already adjacent,
+// so each table row is scattered as d / 2 pairs.
+template <typename table_t>
+void pack_table_transposed(const table_t* table, int64_t P, int64_t d, BFloat16* out) {
+  for (int64_t j = 0; j < P; ++j) {
+    const table_t* row = table + j * d;
+    for (int64_t pair = 0; pair < d / 2; ++pair) {
+      out[pair * 2 * P + 2 * j] = to_bf16(row[2 * pair]);
+      out[pair * 2 * P + 2 * j + 1] = to_bf16(row[2 * pair + 1]);
+    }
+  }
+}
+
+// The same for a table given as a tensor (float32 or bf16), head h.
+void pack_head(const torch::Tensor& table, int64_t h, bool transposed, BFloat16* out) {
+  const int64_t P = table.size(1), d = table.size(2);
+  if (table.scalar_type() == at::kFloat) {
+    const float* head = table.data_ptr<float>() + h * P * d;
+    transposed ? pack_table_transposed(head, P, d, out) : pack_table(head, P, d, out);
+  } else {
+    const BFloat16* head = table.data_ptr<BFloat16>() + h * P * d;
+    transposed ? pack_table_transposed(head, P, d, out) : pack_table(head, P, d, out);
   }
 }
 
@@ -66,7 +102,7 @@ __m512i interleave_indices(int start) {
 __m512i bf16_pair(const Vec& a, const Vec& b) { return (__m512i)_mm512_cvtne2ps_pbh(b, a); }
 
 // The same 32 columns of rows 2i (a) and 2i + 1 (b), as bf16 -> their place in pair i of a packed
-// (K x N) factor (see pack_pairs; checked by the tests through the results: a wrong layout gives wrong
+// (K x N) factor (see pack_table; checked by the tests through the results: a wrong layout gives wrong
 // gradients for k and v).
 void store_row_pair(__m512i a, __m512i b, int64_t column, int64_t N, int64_t pair, BFloat16* packed) {
   static const __m512i first_half = interleave_indices(0), second_half = interleave_indices(16);
@@ -102,8 +138,10 @@ float horizontal_sum(Vec v) {
 
 void check_inputs(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, int64_t block_rows) {
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "q, k, v must be (H, N, d), (H, P, d), (H, P, d)");
-  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 &&
-                  v.scalar_type() == at::kBFloat16, "bf16 only");
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16, "bf16 queries only");
+  TORCH_CHECK(k.scalar_type() == v.scalar_type() &&
+                  (k.scalar_type() == at::kFloat || k.scalar_type() == at::kBFloat16),
+              "the tables must both be float32 or both bf16");
   TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous(), "contiguous inputs only");
   TORCH_CHECK(k.sizes() == v.sizes() && q.size(0) == k.size(0) && q.size(2) == k.size(2), "shape mismatch");
   TORCH_CHECK(q.size(2) % PANEL == 0 && k.size(1) % PANEL == 0, "d and P must be multiples of 64");
@@ -119,8 +157,7 @@ std::vector<torch::Tensor> forward(torch::Tensor q, torch::Tensor k, torch::Tens
   const int64_t H = q.size(0), N = q.size(1), d = q.size(2), P = k.size(1);
   auto out = torch::empty_like(q);
   auto lse = torch::empty({H, N}, q.options().dtype(torch::kFloat));
-  auto k_t = k.transpose(1, 2).contiguous();  // (H, d, P)
-  const BFloat16 *qp = q.data_ptr<BFloat16>(), *ktp = k_t.data_ptr<BFloat16>(), *vp = v.data_ptr<BFloat16>();
+  const BFloat16* qp = q.data_ptr<BFloat16>();
   BFloat16* op = out.data_ptr<BFloat16>();
   float* lp = lse.data_ptr<float>();
   at::parallel_for(0, H, 1, [&](int64_t begin, int64_t end) {
@@ -128,8 +165,8 @@ std::vector<torch::Tensor> forward(torch::Tensor q, torch::Tensor k, torch::Tens
     std::vector<float> scores(R * P), read(R * d);
     std::vector<BFloat16> weights(R * P), keys_packed(d * P), values_packed(P * d);
     for (int64_t h = begin; h < end; ++h) {
-      pack_pairs(d, P, P, ktp + h * d * P, keys_packed.data());
-      pack_pairs(P, d, d, vp + h * P * d, values_packed.data());
+      pack_head(k, h, true, keys_packed.data());
+      pack_head(v, h, false, values_packed.data());
       for (int64_t m = 0; m < N; m += R) {
         const int64_t rows = std::min(R, N - m);
         multiply(rows, P, d, d, P, false, qp + (h * N + m) * d, keys_packed.data(), scores.data());
@@ -161,7 +198,7 @@ std::vector<torch::Tensor> forward(torch::Tensor q, torch::Tensor k, torch::Tens
   return {out, lse};
 }
 
-// Returns dq (H, N, d) bf16 and the transposes of dk, dv as (H, d, P) float32.
+// Returns dq (H, N, d) bf16 and the transposes of dk, dv as (H, d, P) float32 (whatever the tables' dtype).
 std::vector<torch::Tensor> backward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor out,
                                     torch::Tensor lse, torch::Tensor grad_out, int64_t block_rows) {
   check_inputs(q, k, v, block_rows);
@@ -170,11 +207,14 @@ std::vector<torch::Tensor> backward(torch::Tensor q, torch::Tensor k, torch::Ten
               "out and grad_out must be contiguous bf16 like q");
   const int64_t H = q.size(0), N = q.size(1), d = q.size(2), P = k.size(1);
   auto grad_q = torch::empty_like(q);
-  auto grad_k_t = torch::zeros({H, d, P}, q.options().dtype(torch::kFloat));
-  auto grad_v_t = torch::zeros({H, d, P}, q.options().dtype(torch::kFloat));
-  auto k_t = k.transpose(1, 2).contiguous(), v_t = v.transpose(1, 2).contiguous();
-  const BFloat16 *qp = q.data_ptr<BFloat16>(), *kp = k.data_ptr<BFloat16>(), *ktp = k_t.data_ptr<BFloat16>();
-  const BFloat16 *vtp = v_t.data_ptr<BFloat16>(), *op = out.data_ptr<BFloat16>();
+  if (N == 0) {  // no block writes the sums below
+    auto zero = torch::zeros({H, d, P}, q.options().dtype(torch::kFloat));
+    return {torch::empty_like(q), zero, zero.clone()};
+  }
+  // dK^T and dV^T: the first block of each head writes them, the others add to them
+  auto grad_k_t = torch::empty({H, d, P}, q.options().dtype(torch::kFloat));
+  auto grad_v_t = torch::empty({H, d, P}, q.options().dtype(torch::kFloat));
+  const BFloat16 *qp = q.data_ptr<BFloat16>(), *op = out.data_ptr<BFloat16>();
   const BFloat16* gp = grad_out.data_ptr<BFloat16>();
   const float* lp = lse.data_ptr<float>();
   BFloat16* dqp = grad_q.data_ptr<BFloat16>();
@@ -187,9 +227,9 @@ std::vector<torch::Tensor> backward(torch::Tensor q, torch::Tensor k, torch::Ten
     for (int64_t h = begin; h < end; ++h) {
       const BFloat16 *qh = qp + h * N * d, *gh = gp + h * N * d, *oh = op + h * N * d;
       const float* lh = lp + h * N;
-      pack_pairs(d, P, P, ktp + h * d * P, keys_t_packed.data());
-      pack_pairs(d, P, P, vtp + h * d * P, values_t_packed.data());
-      pack_pairs(P, d, d, kp + h * P * d, keys_packed.data());
+      pack_head(k, h, true, keys_t_packed.data());
+      pack_head(v, h, true, values_t_packed.data());
+      pack_head(k, h, false, keys_packed.data());
       for (int64_t m = 0; m < N; m += R) {
         const int64_t rows = std::min(R, N - m);
         const int64_t even_rows = rows + (rows & 1);  // the inner size of the dK, dV products must be even
@@ -227,8 +267,9 @@ std::vector<torch::Tensor> backward(torch::Tensor q, torch::Tensor k, torch::Ten
             store_row_pair(ds[0], ds[1], j, P, r / 2, grad_scores_packed.data());
           }
         }
-        multiply(d, P, even_rows, R, P, true, grad_t.data(), weights_packed.data(), dvtp + h * d * P);  // dV^T
-        multiply(d, P, even_rows, R, P, true, q_t.data(), grad_scores_packed.data(), dktp + h * d * P);  // dK^T
+        const bool add = m > 0;
+        multiply(d, P, even_rows, R, P, add, grad_t.data(), weights_packed.data(), dvtp + h * d * P);  // dV^T
+        multiply(d, P, even_rows, R, P, add, q_t.data(), grad_scores_packed.data(), dktp + h * d * P);  // dK^T
         multiply(rows, d, P, P, d, false, grad_scores_bf.data(), keys_packed.data(), grad_q_rows.data());  // dQ
         at::vec::convert(grad_q_rows.data(), dqp + (h * N + m) * d, rows * d);
       }
