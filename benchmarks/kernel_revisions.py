@@ -8,7 +8,8 @@ one's relative error against float64, so a faster kernel that got less accurate 
 
 - `--kernel persistent_read` (`ops/csrc/persistent_read_cpu.cpp`): one layer's read, (4, rows, 64)
   bf16 queries against one (4, 896, 64) table, forward and backward; rows 2048 and 8192 are B x T for
-  the benchmark's batch of 8 at T = 256 and 1,024. Needs AVX-512 BF16 and AMX.
+  the benchmark's batch of 8 at T = 256 and 1,024. Tables in bf16 (--tables float32 passes the float32
+  parameters as the model does, which kernels before commit c0dd72b refuse). Needs AVX-512 BF16 and AMX.
 - `--kernel features` (`ops/csrc/features_cpu.cpp`): one layer's key and value features, forward and
   backward, on a (8, rows / 8, 256) projection with 4 heads (d = 64), bf16 and float32.
 
@@ -63,14 +64,14 @@ def timed(fn) -> tuple[float, object]:
 # -- the persistent read ------------------------------------------------------------------------------
 
 
-def read_problem(rows: int, heads: int = 4, dim: int = 64, slots: int = 896):
-    """Queries of norm 3 (as scaled keys), tables and an output gradient; bf16, fixed seed."""
+def read_problem(rows: int, tables: torch.dtype, heads: int = 4, dim: int = 64, slots: int = 896):
+    """bf16 queries of norm 3 (as scaled keys) and output gradient, tables in `tables`; fixed seed."""
     generator = torch.Generator().manual_seed(0)
     queries = torch.nn.functional.normalize(torch.randn(heads, rows, dim, generator=generator), dim=-1) * 3
     keys = torch.randn(heads, slots, dim, generator=generator) / 2
     values = torch.randn(heads, slots, dim, generator=generator) / 8
     grad = torch.randn(heads, rows, dim, generator=generator)
-    return [t.bfloat16() for t in (queries, keys, values, grad)]
+    return [queries.bfloat16(), keys.to(tables), values.to(tables), grad.bfloat16()]
 
 
 def read_calls(module, queries, keys, values, grad) -> dict:
@@ -161,12 +162,12 @@ KERNELS = {
 }
 
 
-def cases(kernel: str, rows: list[int]):
+def cases(kernel: str, rows: list[int], tables: torch.dtype):
     """(label, calls, inputs, float64 results or None) for each problem the kernel is timed on."""
     for n in rows:
         if kernel == "persistent_read":
-            inputs = read_problem(n)
-            yield f"rows {n}, bf16", read_calls, inputs, read_float64(*inputs)
+            inputs = read_problem(n, tables)
+            yield f"rows {n}, {str(tables).removeprefix('torch.')} tables", read_calls, inputs, read_float64(*inputs)
         else:
             for dtype in (torch.bfloat16, torch.float32):
                 yield f"rows {n}, {str(dtype).removeprefix('torch.')}", features_calls, features_problem(n, dtype), None
@@ -179,6 +180,12 @@ def main() -> int:
     parser.add_argument("--rows", default="2048,8192", help="B x T, comma-separated (multiples of 8)")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--tables",
+        choices=["bfloat16", "float32"],
+        default="bfloat16",
+        help="the persistent read's table dtype (float32, as in the model, from commit c0dd72b on)",
+    )
     parser.add_argument("--json", help="where to write the result (nothing is written without it)")
     args = parser.parse_args()
     try:  # before the work, not after it
@@ -198,7 +205,7 @@ def main() -> int:
         parser.error(str(err))
     torch.set_num_threads(args.threads)
     results = {}
-    for label, calls, inputs, expected in cases(args.kernel, rows):
+    for label, calls, inputs, expected in cases(args.kernel, rows, getattr(torch, args.tables)):
         results[label] = result = compare(kernels, calls, inputs, args.rounds, expected)
         for kernel_label, by_name in result["ms"].items():
             timing = "  ".join(f"{name} {ms:7.3f} ms" for name, ms in by_name.items())

@@ -23,6 +23,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -35,56 +36,6 @@ using Vec = at::vec::Vectorized<float>;
 namespace cpublas = at::native::cpublas;
 
 constexpr int64_t PANEL = 64;  // d and P must be multiples of this (whole AVX-512 registers, even row counts)
-
-// The micro-kernel's right factors are "VNNI"-packed: a (K x N) matrix, K even, as (K / 2, N, 2) — rows
-// 2i and 2i + 1 interleaved element by element. One product takes the whole width N at once: measured
-// against 64-column panels (cpublas::pack's widest), a (128 x 64) by (64 x 896) product took 25 instead
-// of 35 us, and (64 x 128) by (128 x 896) 24 instead of 26 (one thread, median of 7 x 100 calls).
-//
-// The tables are packed from the parameters themselves, float32 or bf16, rounded to bf16 on the way:
-// no bf16 copy or transposed copy of a table is made first, and their gradients come back in float32.
-
-inline BFloat16 to_bf16(float x) { return BFloat16(x); }  // to nearest, ties to even
-inline BFloat16 to_bf16(BFloat16 x) { return x; }
-
-// Head h of a (H, P, d) table as the packed (P x d) right factor (P even).
-template <typename table_t>
-void pack_table(const table_t* table, int64_t P, int64_t d, BFloat16* out) {
-  for (int64_t pair = 0; pair < P / 2; ++pair) {
-    const table_t *even = table + 2 * pair * d, *odd = even + d;
-    BFloat16* row = out + pair * 2 * d;
-    for (int64_t e = 0; e < d; ++e) {
-      row[2 * e] = to_bf16(even[e]);
-      row[2 * e + 1] = to_bf16(odd[e]);
-    }
-  }
-}
-
-// Head h of a (H, P, d) table as the packed (d x P) right factor of its transpose (d even): entries
-// (2i, j) and (2i + 1, j) of the transpose are entries 2i and 2i + 1 of table row j, already adjacent,
-// so each table row is scattered as d / 2 pairs.
-template <typename table_t>
-void pack_table_transposed(const table_t* table, int64_t P, int64_t d, BFloat16* out) {
-  for (int64_t j = 0; j < P; ++j) {
-    const table_t* row = table + j * d;
-    for (int64_t pair = 0; pair < d / 2; ++pair) {
-      out[pair * 2 * P + 2 * j] = to_bf16(row[2 * pair]);
-      out[pair * 2 * P + 2 * j + 1] = to_bf16(row[2 * pair + 1]);
-    }
-  }
-}
-
-// The same for a table given as a tensor (float32 or bf16), head h.
-void pack_head(const torch::Tensor& table, int64_t h, bool transposed, BFloat16* out) {
-  const int64_t P = table.size(1), d = table.size(2);
-  if (table.scalar_type() == at::kFloat) {
-    const float* head = table.data_ptr<float>() + h * P * d;
-    transposed ? pack_table_transposed(head, P, d, out) : pack_table(head, P, d, out);
-  } else {
-    const BFloat16* head = table.data_ptr<BFloat16>() + h * P * d;
-    transposed ? pack_table_transposed(head, P, d, out) : pack_table(head, P, d, out);
-  }
-}
 
 // Indices for _mm512_permutex2var_epi16 that take a[start], b[start], a[start + 1], b[start + 1], ...
 // (entries 0-31 pick from a, 32-63 from b).
@@ -101,14 +52,61 @@ __m512i interleave_indices(int start) {
 // AVX512-BF16 instruction: the Python loader builds and runs the kernel only where the CPU has it.
 __m512i bf16_pair(const Vec& a, const Vec& b) { return (__m512i)_mm512_cvtne2ps_pbh(b, a); }
 
-// The same 32 columns of rows 2i (a) and 2i + 1 (b), as bf16 -> their place in pair i of a packed
-// (K x N) factor (see pack_table; checked by the tests through the results: a wrong layout gives wrong
-// gradients for k and v).
+// 32 consecutive numbers as bf16 in one register (float32 ones rounded to nearest even).
+__m512i load_bf16x32(const float* in) { return bf16_pair(Vec::loadu(in), Vec::loadu(in + Vec::size())); }
+__m512i load_bf16x32(const BFloat16* in) { return _mm512_loadu_si512(in); }
+
+// The micro-kernel's right factors are "VNNI"-packed: a (K x N) matrix, K even, as (K / 2, N, 2) — rows
+// 2i and 2i + 1 interleaved element by element. One product takes the whole width N at once: measured
+// against 64-column panels (cpublas::pack's widest), a (128 x 64) by (64 x 896) product took 25 instead
+// of 35 us, and (64 x 128) by (128 x 896) 24 instead of 26 (one thread, median of 7 x 100 calls).
+//
+// Columns [column, column + 32) of rows 2i (a) and 2i + 1 (b), as bf16 -> their place in pair i of a packed
+// (K x N) factor (checked by the tests through the results: a wrong layout gives wrong gradients).
 void store_row_pair(__m512i a, __m512i b, int64_t column, int64_t N, int64_t pair, BFloat16* packed) {
   static const __m512i first_half = interleave_indices(0), second_half = interleave_indices(16);
   BFloat16* out = packed + pair * 2 * N + column * 2;
   _mm512_storeu_si512(reinterpret_cast<__m512i*>(out), _mm512_permutex2var_epi16(a, first_half, b));
   _mm512_storeu_si512(reinterpret_cast<__m512i*>(out + 32), _mm512_permutex2var_epi16(a, second_half, b));
+}
+
+// The tables are packed from the parameters themselves, float32 or bf16, rounded to bf16 on the way:
+// no bf16 copy or transposed copy of a table is made first, and their gradients come back in float32.
+
+// Head h of a (H, P, d) table as the packed (P x d) right factor (P even).
+template <typename table_t>
+void pack_table(const table_t* table, int64_t P, int64_t d, BFloat16* out) {
+  for (int64_t pair = 0; pair < P / 2; ++pair) {
+    const table_t *even = table + 2 * pair * d, *odd = even + d;
+    for (int64_t e = 0; e < d; e += 32) store_row_pair(load_bf16x32(even + e), load_bf16x32(odd + e), e, d, pair, out);
+  }
+}
+
+// Head h of a (H, P, d) table as the packed (d x P) right factor of its transpose: entries (2i, j) and
+// (2i + 1, j) of the transpose are entries 2i and 2i + 1 of table row j, already adjacent, so each
+// table row is scattered as d / 2 pairs (32-bit units), 16 at a time, P units apart.
+template <typename table_t>
+void pack_table_transposed(const table_t* table, int64_t P, int64_t d, BFloat16* out) {
+  const __m512i unit_offsets = _mm512_mullo_epi32(
+      _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32(static_cast<int>(P)));
+  auto* units = reinterpret_cast<int*>(out);
+  for (int64_t j = 0; j < P; ++j) {
+    for (int64_t e = 0; e < d; e += 32) {
+      _mm512_i32scatter_epi32(units + (e / 2) * P + j, unit_offsets, load_bf16x32(table + j * d + e), 4);
+    }
+  }
+}
+
+// The same for a table given as a tensor (float32 or bf16), head h.
+void pack_head(const torch::Tensor& table, int64_t h, bool transposed, BFloat16* out) {
+  const int64_t P = table.size(1), d = table.size(2);
+  if (table.scalar_type() == at::kFloat) {
+    const float* head = table.data_ptr<float>() + h * P * d;
+    transposed ? pack_table_transposed(head, P, d, out) : pack_table(head, P, d, out);
+  } else {
+    const BFloat16* head = table.data_ptr<BFloat16>() + h * P * d;
+    transposed ? pack_table_transposed(head, P, d, out) : pack_table(head, P, d, out);
+  }
 }
 
 // C (M x N, row stride ldc) = A (M x K, row stride lda) times packed (K x N) [+ C when accumulate].
@@ -136,6 +134,25 @@ float horizontal_sum(Vec v) {
   return total;
 }
 
+// A thread's scratch buffer, kept from call to call (slot: which of its buffers of type T). Fresh vectors
+// on every call — about 1 MB forward and 2.5 MB backward, zeroed, in memory the allocator had returned to
+// the system — were a fixed cost of about 0.5 ms per call, four calls per layer and training step.
+template <typename T>
+class Scratch {
+ public:
+  Scratch(int slot, size_t size) {
+    thread_local std::array<std::vector<T>, 8> buffers;
+    std::vector<T>& buffer = buffers.at(slot);
+    if (buffer.size() < size) buffer.resize(size);
+    data_ = buffer.data();
+  }
+  T* data() const { return data_; }
+  T& operator[](size_t i) const { return data_[i]; }
+
+ private:
+  T* data_;
+};
+
 void check_inputs(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, int64_t block_rows) {
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "q, k, v must be (H, N, d), (H, P, d), (H, P, d)");
   TORCH_CHECK(q.scalar_type() == at::kBFloat16, "bf16 queries only");
@@ -162,8 +179,8 @@ std::vector<torch::Tensor> forward(torch::Tensor q, torch::Tensor k, torch::Tens
   float* lp = lse.data_ptr<float>();
   at::parallel_for(0, H, 1, [&](int64_t begin, int64_t end) {
     const int64_t R = block_rows;
-    std::vector<float> scores(R * P), read(R * d);
-    std::vector<BFloat16> weights(R * P), keys_packed(d * P), values_packed(P * d);
+    Scratch<float> scores(0, R * P), read(1, R * d);
+    Scratch<BFloat16> weights(0, R * P), keys_packed(1, d * P), values_packed(2, P * d);
     for (int64_t h = begin; h < end; ++h) {
       pack_head(k, h, true, keys_packed.data());
       pack_head(v, h, false, values_packed.data());
@@ -221,9 +238,10 @@ std::vector<torch::Tensor> backward(torch::Tensor q, torch::Tensor k, torch::Ten
   float *dktp = grad_k_t.data_ptr<float>(), *dvtp = grad_v_t.data_ptr<float>();
   at::parallel_for(0, H, 1, [&](int64_t begin, int64_t end) {
     const int64_t R = block_rows;
-    std::vector<float> weights(R * P), grad_scores(R * P), row_dot(R), grad_q_rows(R * d);
-    std::vector<BFloat16> grad_scores_bf(R * P), weights_packed(R * P), grad_scores_packed(R * P), grad_t(d * R),
-        q_t(d * R), keys_t_packed(d * P), values_t_packed(d * P), keys_packed(P * d);
+    Scratch<float> weights(0, R * P), grad_scores(1, R * P), row_dot(2, R), grad_q_rows(3, R * d);
+    Scratch<BFloat16> grad_scores_bf(0, R * P), weights_packed(1, R * P), grad_scores_packed(2, R * P);
+    Scratch<BFloat16> grad_t(3, d * R), q_t(4, d * R), keys_t_packed(5, d * P), values_t_packed(6, d * P);
+    Scratch<BFloat16> keys_packed(7, P * d);
     for (int64_t h = begin; h < end; ++h) {
       const BFloat16 *qh = qp + h * N * d, *gh = gp + h * N * d, *oh = op + h * N * d;
       const float* lh = lp + h * N;
