@@ -62,8 +62,15 @@ def leaky_average_autograd(x, beta, initial=None, chunk_size=32):
     return y.reshape(*lead, heads, padded, dim)[..., :length, :]
 
 
-def persistent_retrieval_materialised(queries, memory_keys, memory_values, dropout_p=0.0, training=False):
+def scaled_tables(memory_values, value_scale):
+    return memory_values if value_scale is None else memory_values * value_scale[:, None, None]
+
+
+def persistent_retrieval_materialised(
+    queries, memory_keys, memory_values, dropout_p=0.0, training=False, value_scale=None
+):
     """Batch and time folded, two products per table, softmax differentiated by autograd."""
+    memory_values = scaled_tables(memory_values, value_scale)
     batch, heads, length, dim = queries.shape
     folded = queries.transpose(0, 1).reshape(heads, batch * length, dim)
     out = 0.0
@@ -74,10 +81,11 @@ def persistent_retrieval_materialised(queries, memory_keys, memory_values, dropo
     return out.view(heads, batch, length, dim).transpose(0, 1)
 
 
-def persistent_retrieval_blocked(queries, memory_keys, memory_values, dropout_p=0.0, training=False):
+def persistent_retrieval_blocked(queries, memory_keys, memory_values, dropout_p=0.0, training=False, value_scale=None):
     """The previous CPU path (until the fused-attention read): blocked products, hand-written backward."""
     from memory_mosaics.ops.persistent_read import persistent_read
 
+    memory_values = scaled_tables(memory_values, value_scale)
     batch, heads, length, dim = queries.shape
     keys, values = memory_keys.to(queries.dtype), memory_values.to(queries.dtype)
     folded = queries.transpose(0, 1).reshape(heads, batch * length, dim)
@@ -91,6 +99,12 @@ def context_forward_unfused(self, x):
     keys, values = self.key(x), self.value(x)
     read = context_retrieval(keys, values, self.shift, self.dropout, self.training)
     return self.resid_dropout(self.c_proj(memory_layers.merge_heads(read)))
+
+
+def persistent_read_scaling_tables(self, queries):
+    """The output scale applied to the value tables before the read (until the kernel applied it)."""
+    values = scaled_tables(self.memory_values, torch.exp(10 * self.out_scale))
+    return memory_layers.merge_heads(memory_layers.persistent_retrieval(queries, self.memory_keys, values))
 
 
 def persistent_read_scaling_reads(self, queries):
@@ -120,6 +134,7 @@ VARIANTS = {
     "key and value features by PyTorch operators (no compiled kernel)": [(features_cpu, "usable", lambda *a: False)],
     "unfused context projections": [(memory_layers.ContextMemory, "forward", context_forward_unfused)],
     "output scale on reads": [(memory_layers.PersistentMemory, "read", persistent_read_scaling_reads)],
+    "output scale on the value tables": [(memory_layers.PersistentMemory, "read", persistent_read_scaling_tables)],
     "logit scale on logits": [(mosaic_model.MemoryMosaic, "forward", forward_scaling_logits)],
 }
 

@@ -74,24 +74,28 @@ def read_problem(rows: int, tables: torch.dtype, heads: int = 4, dim: int = 64, 
     return [queries.bfloat16(), keys.to(tables), values.to(tables), grad.bfloat16()]
 
 
+def takes_scale(module) -> bool:
+    """Whether the kernel takes the output scale (kernels after commit 70c6222; its signature says)."""
+    return "arg3: torch.Tensor" in module.forward.__doc__
+
+
 def read_calls(module, queries, keys, values, grad) -> dict:
-    """name -> (seconds, results) for the forward and the backward pass."""
-    forward_seconds, (out, lse, *_) = timed(
-        lambda: module.forward(queries, keys, values, persistent_read_cpu.BLOCK_ROWS)
-    )
-    backward_seconds, grads = timed(
-        lambda: module.backward(queries, keys, values, out, lse, grad, persistent_read_cpu.BLOCK_ROWS)
-    )
-    return {"forward": (forward_seconds, [out]), "backward": (backward_seconds, list(grads))}
+    """name -> (seconds, results) for the forward and the backward pass; the results as the current
+    kernel returns them (dk, dv as (H, P, d); earlier kernels returned their transposes)."""
+    rows = persistent_read_cpu.BLOCK_ROWS
+    scale = [torch.ones(queries.shape[0])] if takes_scale(module) else []
+    forward_seconds, (out, lse, *_) = timed(lambda: module.forward(queries, keys, values, *scale, rows))
+    backward_seconds, grads = timed(lambda: module.backward(queries, keys, values, *scale, out, lse, grad, rows))
+    grads = list(grads[:3]) if scale else [grads[0], grads[1].transpose(1, 2), grads[2].transpose(1, 2)]
+    return {"forward": (forward_seconds, [out]), "backward": (backward_seconds, grads)}
 
 
 def read_float64(queries, keys, values, grad) -> dict:
-    """The same results by plain softmax in float64 (dk, dv transposed, as the kernel returns them)."""
+    """The same results by plain softmax in float64."""
     leaves = [t.double().requires_grad_() for t in (queries, keys, values)]
     out = torch.softmax(leaves[0] @ leaves[1].transpose(1, 2), dim=-1) @ leaves[2]
     out.backward(grad.double())
-    grads = [leaves[0].grad, leaves[1].grad.transpose(1, 2), leaves[2].grad.transpose(1, 2)]
-    return {"forward": [out.detach()], "backward": grads}
+    return {"forward": [out.detach()], "backward": [leaf.grad for leaf in leaves]}
 
 
 # -- the key and value features -----------------------------------------------------------------------

@@ -77,7 +77,7 @@ def test_persistent_retrieval_uses_the_kernel_in_bf16_and_not_otherwise(monkeypa
     calls = []
     original = persistent_read_cpu.persistent_read_cpu
     monkeypatch.setattr(
-        persistent_read_cpu, "persistent_read_cpu", lambda *a: calls.append([t.dtype for t in a]) or original(*a)
+        persistent_read_cpu, "persistent_read_cpu", lambda *a: calls.append([t.dtype for t in a[:3]]) or original(*a)
     )
     queries, keys, values, _ = bf16_problem(4, 64, 64, 128)
     batched = queries.view(4, 2, 32, 64).transpose(0, 1)  # (B, H, T, d)
@@ -144,3 +144,27 @@ def test_float32_tables_are_read_as_their_bf16_roundings_and_get_float32_gradien
     for ours, theirs in zip(from_float[2:], from_bf16[2:], strict=True):
         assert torch.equal(ours.bfloat16(), theirs)
         assert not torch.equal(ours, theirs.float())  # more than bf16's 8 bits survive
+
+
+@needs_kernel
+@pytest.mark.parametrize("tables", [torch.float32, torch.bfloat16])
+def test_the_output_scale_and_its_gradient_match_the_plain_form(tables):
+    """The kernel scales each head's read (the persistent memory's output scale) where it rounds it; the
+    gradients of everything, the scale's included, match scale_h * softmax(q k^T) v in float64."""
+    queries, keys, values, grad = bf16_problem(3, 200, 64, 192, seed=4)
+    scale = torch.tensor([0.5, 1.7, 3.0])
+
+    def run(fn, dtypes):
+        inputs = zip((queries, keys, values, scale), dtypes, strict=True)
+        leaves = [t.to(dtype, copy=True).requires_grad_() for t, dtype in inputs]
+        out = fn(*leaves)
+        out.backward(grad.to(out.dtype))
+        return [out.detach()] + [leaf.grad for leaf in leaves]
+
+    def plain_scaled(q, k, v, s):
+        return plain(q, k, v) * s[:, None, None]
+
+    expected = run(plain_scaled, [torch.float64] * 4)
+    got = run(persistent_read_cpu.persistent_read_cpu, [torch.bfloat16, tables, tables, torch.float32])
+    for name, a, b in zip(["out", "queries", "keys", "values", "scale"], got, expected, strict=True):
+        assert relative_error(a, b) < 1.5e-2, name

@@ -273,15 +273,18 @@ class PersistentMemory(nn.Module):
 
     def read(self, queries: Tensor) -> Tensor:
         """Retrieve for queries (B, H, T, d) and apply the output scale; returns (B, T, C) before c_proj."""
-        out_scale = torch.exp(10 * self.out_scale)[:, None, None]
+        out_scale = torch.exp(10 * self.out_scale)
         if self.impl == "reference":
             read = persistent_retrieval_reference(
                 queries, self.memory_keys, self.memory_values, self.dropout, self.training
             )
-            return merge_heads(read * out_scale.to(read.dtype))
-        # The output scale is per head, so it can scale the (small) value tables instead of the reads.
-        values = self.memory_values * out_scale
-        return merge_heads(persistent_retrieval(queries, self.memory_keys, values, self.dropout, self.training))
+            return merge_heads(read * out_scale[:, None, None].to(read.dtype))
+        # The output scale is per head, so it can scale the (small) value tables instead of the reads, or
+        # ride in the compiled kernel's rounding of its read.
+        read = persistent_retrieval(
+            queries, self.memory_keys, self.memory_values, self.dropout, self.training, value_scale=out_scale
+        )
+        return merge_heads(read)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.resid_dropout(self.c_proj(self.read(self.key(x))))

@@ -69,24 +69,29 @@ def usable(queries: Tensor, memory_keys: Tensor, dropout: bool) -> bool:
 
 class PersistentReadCPU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, queries: Tensor, keys: Tensor, values: Tensor) -> Tensor:
+    def forward(ctx, queries: Tensor, keys: Tensor, values: Tensor, scale: Tensor) -> Tensor:
         queries, keys, values = queries.contiguous(), keys.contiguous(), values.contiguous()
-        out, lse = kernel().forward(queries, keys, values, BLOCK_ROWS)
-        ctx.save_for_backward(queries, keys, values, out, lse)
+        scale_float = scale.detach().float().contiguous()
+        out, lse = kernel().forward(queries, keys, values, scale_float, BLOCK_ROWS)
+        ctx.save_for_backward(queries, keys, values, scale_float, out, lse)
+        ctx.scale_dtype = scale.dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        queries, keys, values, out, lse = ctx.saved_tensors
-        grad_queries, grad_keys_t, grad_values_t = kernel().backward(
-            queries, keys, values, out, lse, grad_out.contiguous(), BLOCK_ROWS
+        queries, keys, values, scale, out, lse = ctx.saved_tensors
+        grad_queries, grad_keys, grad_values, grad_scale = kernel().backward(
+            queries, keys, values, scale, out, lse, grad_out.contiguous(), BLOCK_ROWS
         )
-        # dK and dV come as float32 (H, d, P) sums over every query: float32 tables (the parameters, which
-        # the kernel reads directly) take them as they are; for bf16 tables autograd rounds them.
-        return grad_queries, grad_keys_t.transpose(1, 2), grad_values_t.transpose(1, 2)
+        # dK and dV come as float32 sums over every query: float32 tables (the parameters, which the kernel
+        # reads directly) take them as they are; for bf16 tables autograd rounds them.
+        return grad_queries, grad_keys, grad_values, grad_scale.to(ctx.scale_dtype)
 
 
-def persistent_read_cpu(queries: Tensor, keys: Tensor, values: Tensor) -> Tensor:
-    """softmax(queries keys^T) values for (H, N, d) bf16 queries and one (H, P, d) table, float32 or bf16
-    (rounded to bf16 for the products; the tables' gradients are summed in float32)."""
-    return PersistentReadCPU.apply(queries, keys, values)
+def persistent_read_cpu(queries: Tensor, keys: Tensor, values: Tensor, scale: Tensor | None = None) -> Tensor:
+    """scale_h softmax(queries keys^T) values for (H, N, d) bf16 queries and one (H, P, d) table, float32
+    or bf16 (rounded to bf16 for the products; the tables' gradients are summed in float32). `scale` (H,),
+    if given, multiplies each head's read as it is rounded to bf16 (the persistent memory's output scale)."""
+    if scale is None:
+        scale = torch.ones(queries.shape[0], device=queries.device)
+    return PersistentReadCPU.apply(queries, keys, values, scale)

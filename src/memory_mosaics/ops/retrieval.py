@@ -87,7 +87,12 @@ def persistent_retrieval_reference(
 
 
 def persistent_retrieval(
-    queries: Tensor, memory_keys: Tensor, memory_values: Tensor, dropout_p: float = 0.0, training: bool = False
+    queries: Tensor,
+    memory_keys: Tensor,
+    memory_values: Tensor,
+    dropout_p: float = 0.0,
+    training: bool = False,
+    value_scale: Tensor | None = None,
 ) -> Tensor:
     """Fast form: per table, one fused attention call that reads the whole batch at once.
 
@@ -102,18 +107,32 @@ def persistent_retrieval(
     In bf16 on CPUs with AMX (and without dropout) each table is read by the compiled kernel of
     `persistent_read_cpu` instead, on the same folded queries: faster still, above all in the backward
     pass (docs/performance.md).
+
+    `value_scale` (H,), if given, multiplies each head's values (the persistent memory's output scale): the
+    compiled kernel applies it to its read as it rounds it to bf16 (free, where scaling the tables costs
+    a pass over them forward and two backward), the fused path to the tables.
     """
     batch, heads, length, dim = queries.shape
     dropout_p = dropout_p if training else 0.0
     folded = queries.transpose(0, 1).reshape(1, heads, batch * length, dim)  # a view for head-major queries
     compiled = persistent_read_cpu.usable(queries, memory_keys, dropout=dropout_p > 0)
     keys, values = memory_keys, memory_values
+    if value_scale is not None and not compiled:
+        values = values * value_scale[:, None, None]
     if not (compiled and keys.dtype == values.dtype):  # the kernel reads float32 or bf16 tables as they are
         keys, values = keys.to(queries.dtype), values.to(queries.dtype)
     out = None
-    for table_keys, table_values in zip(keys, values, strict=True):
+    # One table (the default) as a view: iterating over the tables unbinds them, and the backward pass of
+    # unbind (or of an index) copies each table's gradient into a new (count, H, P, d) tensor.
+    tables = (
+        zip(keys.unbind(0), values.unbind(0), strict=True)
+        if keys.shape[0] > 1
+        else [(keys.squeeze(0), values.squeeze(0))]
+    )
+    for table_keys, table_values in tables:
         if compiled:  # bf16 on CPUs with AMX: the compiled kernel (persistent_read_cpu.py)
-            read = persistent_read_cpu.persistent_read_cpu(folded[0], table_keys, table_values).unsqueeze(0)
+            read = persistent_read_cpu.persistent_read_cpu(folded[0], table_keys, table_values, value_scale)
+            read = read.unsqueeze(0)
         else:
             # (Autocast off: the inputs already have the dtype to compute in.)
             with torch.autocast(queries.device.type, enabled=False):

@@ -1,4 +1,5 @@
-// Persistent-memory read on CPUs with AMX, bf16: out = softmax(q k^T) v per head, forward and backward.
+// Persistent-memory read on CPUs with AMX, bf16: out = scale_h softmax(q k^T) v per head h, forward and
+// backward (scale_h: the persistent memory's output scale, applied where the read is rounded to bf16).
 //
 // Plain twin: memory_mosaics.ops.retrieval.persistent_retrieval_reference. Python side, loading and
 // fallback: memory_mosaics/ops/persistent_read_cpu.py. Shapes: q (H, N, d) with the batch folded into
@@ -153,7 +154,10 @@ class Scratch {
   T* data_;
 };
 
-void check_inputs(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, int64_t block_rows) {
+void check_inputs(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const torch::Tensor& scale,
+                  int64_t block_rows) {
+  TORCH_CHECK(scale.dim() == 1 && scale.size(0) == q.size(0) && scale.scalar_type() == at::kFloat &&
+                  scale.is_contiguous(), "scale must be a contiguous float32 (H,) tensor");
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "q, k, v must be (H, N, d), (H, P, d), (H, P, d)");
   TORCH_CHECK(q.scalar_type() == at::kBFloat16, "bf16 queries only");
   TORCH_CHECK(k.scalar_type() == v.scalar_type() &&
@@ -168,9 +172,10 @@ void check_inputs(const torch::Tensor& q, const torch::Tensor& k, const torch::T
 
 }  // namespace
 
-// Returns out (H, N, d) bf16 and the rows' log-sum-exp (H, N) float32.
-std::vector<torch::Tensor> forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, int64_t block_rows) {
-  check_inputs(q, k, v, block_rows);
+// Returns out = scale_h softmax(q k^T) v, (H, N, d) bf16, and the rows' log-sum-exp (H, N) float32.
+std::vector<torch::Tensor> forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor scale,
+                                   int64_t block_rows) {
+  check_inputs(q, k, v, scale, block_rows);
   const int64_t H = q.size(0), N = q.size(1), d = q.size(2), P = k.size(1);
   auto out = torch::empty_like(q);
   auto lse = torch::empty({H, N}, q.options().dtype(torch::kFloat));
@@ -207,7 +212,11 @@ std::vector<torch::Tensor> forward(torch::Tensor q, torch::Tensor k, torch::Tens
           lp[h * N + m + r] = row_max + std::log(total);
         }
         multiply(rows, d, P, P, d, false, weights.data(), values_packed.data(), read.data());
-        at::vec::convert(read.data(), op + (h * N + m) * d, rows * d);
+        const Vec head_scale(scale.data_ptr<float>()[h]);
+        for (int64_t i = 0; i < rows * d; i += 2 * Vec::size()) {  // scale and round
+          to_bf16(Vec::loadu(read.data() + i) * head_scale, Vec::loadu(read.data() + i + Vec::size()) * head_scale,
+                  op + (h * N + m) * d + i);
+        }
       }
     }
     cpublas::brgemm_release();
@@ -215,34 +224,94 @@ std::vector<torch::Tensor> forward(torch::Tensor q, torch::Tensor k, torch::Tens
   return {out, lse};
 }
 
-// Returns dq (H, N, d) bf16 and the transposes of dk, dv as (H, d, P) float32 (whatever the tables' dtype).
-std::vector<torch::Tensor> backward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor out,
-                                    torch::Tensor lse, torch::Tensor grad_out, int64_t block_rows) {
-  check_inputs(q, k, v, block_rows);
+// A 16 x 16 block of floats transposed (rows of `in` with stride in_stride -> rows of `out`), in registers:
+// pairs of rows interleaved by 32, 64 and 128 bits, then 256.
+void transpose16(const float* in, int64_t in_stride, float* out, int64_t out_stride) {
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(in + i * in_stride);
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 2; ++i) {
+    for (int k = 0; k < 4; ++k) {
+      t[8 * i + k] = _mm512_shuffle_f32x4(r[8 * i + k], r[8 * i + 4 + k], 0x88);
+      t[8 * i + 4 + k] = _mm512_shuffle_f32x4(r[8 * i + k], r[8 * i + 4 + k], 0xDD);
+    }
+  }
+  for (int k = 0; k < 8; ++k) {
+    r[k] = _mm512_shuffle_f32x4(t[k], t[8 + k], 0x88);
+    r[8 + k] = _mm512_shuffle_f32x4(t[k], t[8 + k], 0xDD);
+  }
+  for (int i = 0; i < 16; ++i) _mm512_storeu_ps(out + i * out_stride, r[i]);
+}
+
+// 16 bf16 numbers -> 16 floats (exact: a bf16 number is the top half of a float's bits).
+Vec widen(__m256i bf16x16) { return Vec(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16x16), 16))); }
+
+// 16 table entries as the products used them: rounded to bf16 (if float32), as floats.
+Vec load_as_bf16(const float* in) { return widen((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(in))); }
+Vec load_as_bf16(const BFloat16* in) { return widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(in))); }
+
+// One head's sums dK^T and dV^T (d x P, dV^T of the unscaled values) -> its rows of dk and dv (P x d), dv
+// times the head's scale, 16 x 16 at a time; returns dL/dscale = sum over slots j of <dV_j, v_j> (the
+// read is scale times softmax weights times v), with v rounded to bf16 as the products used it.
+template <typename table_t>
+float finish_head(const float* keys_sum, const float* values_sum, const table_t* values, float scale, int64_t P,
+                  int64_t d, float* grad_k, float* grad_v) {
+  constexpr int64_t TILE = 16;  // P and d are multiples of 64
+  alignas(64) float tile[TILE * TILE];
+  Vec scale_grad(0.f);
+  for (int64_t j0 = 0; j0 < P; j0 += TILE) {
+    for (int64_t e0 = 0; e0 < d; e0 += TILE) {
+      transpose16(keys_sum + e0 * P + j0, P, grad_k + j0 * d + e0, d);
+      transpose16(values_sum + e0 * P + j0, P, tile, TILE);
+      for (int64_t i = 0; i < TILE; ++i) {
+        const Vec unscaled = Vec::loadu(tile + i * TILE);
+        (unscaled * Vec(scale)).store(grad_v + (j0 + i) * d + e0);
+        scale_grad = at::vec::fmadd(unscaled, load_as_bf16(values + (j0 + i) * d + e0), scale_grad);
+      }
+    }
+  }
+  return horizontal_sum(scale_grad);
+}
+
+// Returns dq (H, N, d) bf16, dk and dv (H, P, d) float32 (whatever the tables' dtype) and dscale (H,).
+std::vector<torch::Tensor> backward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor scale,
+                                    torch::Tensor out, torch::Tensor lse, torch::Tensor grad_out, int64_t block_rows) {
+  check_inputs(q, k, v, scale, block_rows);
   TORCH_CHECK(out.sizes() == q.sizes() && grad_out.sizes() == q.sizes() && out.is_contiguous() &&
                   grad_out.is_contiguous() && grad_out.scalar_type() == at::kBFloat16,
               "out and grad_out must be contiguous bf16 like q");
   const int64_t H = q.size(0), N = q.size(1), d = q.size(2), P = k.size(1);
   auto grad_q = torch::empty_like(q);
-  if (N == 0) {  // no block writes the sums below
-    auto zero = torch::zeros({H, d, P}, q.options().dtype(torch::kFloat));
-    return {torch::empty_like(q), zero, zero.clone()};
+  if (N == 0) {
+    auto zero = torch::zeros({H, P, d}, q.options().dtype(torch::kFloat));
+    return {grad_q, zero, zero.clone(), torch::zeros({H}, zero.options())};
   }
-  // dK^T and dV^T: the first block of each head writes them, the others add to them
-  auto grad_k_t = torch::empty({H, d, P}, q.options().dtype(torch::kFloat));
-  auto grad_v_t = torch::empty({H, d, P}, q.options().dtype(torch::kFloat));
+  auto grad_k = torch::empty({H, P, d}, q.options().dtype(torch::kFloat));
+  auto grad_v = torch::empty({H, P, d}, q.options().dtype(torch::kFloat));
+  auto grad_scale = torch::empty({H}, q.options().dtype(torch::kFloat));
   const BFloat16 *qp = q.data_ptr<BFloat16>(), *op = out.data_ptr<BFloat16>();
   const BFloat16* gp = grad_out.data_ptr<BFloat16>();
   const float* lp = lse.data_ptr<float>();
   BFloat16* dqp = grad_q.data_ptr<BFloat16>();
-  float *dktp = grad_k_t.data_ptr<float>(), *dvtp = grad_v_t.data_ptr<float>();
   at::parallel_for(0, H, 1, [&](int64_t begin, int64_t end) {
     const int64_t R = block_rows;
     Scratch<float> weights(0, R * P), grad_scores(1, R * P), row_dot(2, R), grad_q_rows(3, R * d);
     Scratch<BFloat16> grad_scores_bf(0, R * P), weights_packed(1, R * P), grad_scores_packed(2, R * P);
     Scratch<BFloat16> grad_t(3, d * R), q_t(4, d * R), keys_t_packed(5, d * P), values_t_packed(6, d * P);
     Scratch<BFloat16> keys_packed(7, P * d);
+    Scratch<float> keys_sum(4, d * P), values_sum(5, d * P);  // dK^T and dV^T (of the unscaled values)
+    float *dktp = keys_sum.data(), *dvtp = values_sum.data();
     for (int64_t h = begin; h < end; ++h) {
+      const float head_scale = scale.data_ptr<float>()[h];
       const BFloat16 *qh = qp + h * N * d, *gh = gp + h * N * d, *oh = op + h * N * d;
       const float* lh = lp + h * N;
       pack_head(k, h, true, keys_t_packed.data());
@@ -267,8 +336,10 @@ std::vector<torch::Tensor> backward(torch::Tensor q, torch::Tensor k, torch::Ten
         }
         multiply(rows, P, d, d, P, false, qh + m * d, keys_t_packed.data(), weights.data());       // S
         multiply(rows, P, d, d, P, false, gh + m * d, values_t_packed.data(), grad_scores.data());  // dW
-        // W = exp(S - lse) and dS = W (dW - <dO, O>), two rows at a time: written packed for the dV and dK
+        // W = exp(S - lse) and dS = W (scale dW - <dO, O>) (the read is scaled: dL/dW = scale dO V^T, and
+        // <dO, O> is taken with the scaled O), two rows at a time: written packed for the dV and dK
         // products, and dS also row-major for the dQ product.
+        const Vec scaled(head_scale);
         for (int64_t r = 0; r < even_rows; r += 2) {
           for (int64_t j = 0; j < P; j += 2 * Vec::size()) {
             __m512i w[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()}, ds[2] = {w[0], w[1]};
@@ -278,7 +349,8 @@ std::vector<torch::Tensor> backward(torch::Tensor q, torch::Tensor k, torch::Ten
               const Vec p0 = (Vec::loadu(s) - row_lse).fexp_u20();
               const Vec p1 = (Vec::loadu(s + Vec::size()) - row_lse).fexp_u20();
               w[i] = bf16_pair(p0, p1);
-              ds[i] = bf16_pair(p0 * (Vec::loadu(dw) - dot), p1 * (Vec::loadu(dw + Vec::size()) - dot));
+              ds[i] = bf16_pair(p0 * (Vec::loadu(dw) * scaled - dot),
+                                p1 * (Vec::loadu(dw + Vec::size()) * scaled - dot));
               _mm512_storeu_si512(reinterpret_cast<__m512i*>(grad_scores_bf.data() + (r + i) * P + j), ds[i]);
             }
             store_row_pair(w[0], w[1], j, P, r / 2, weights_packed.data());
@@ -286,15 +358,20 @@ std::vector<torch::Tensor> backward(torch::Tensor q, torch::Tensor k, torch::Ten
           }
         }
         const bool add = m > 0;
-        multiply(d, P, even_rows, R, P, add, grad_t.data(), weights_packed.data(), dvtp + h * d * P);  // dV^T
-        multiply(d, P, even_rows, R, P, add, q_t.data(), grad_scores_packed.data(), dktp + h * d * P);  // dK^T
+        multiply(d, P, even_rows, R, P, add, grad_t.data(), weights_packed.data(), dvtp);  // dV^T
+        multiply(d, P, even_rows, R, P, add, q_t.data(), grad_scores_packed.data(), dktp);  // dK^T
         multiply(rows, d, P, P, d, false, grad_scores_bf.data(), keys_packed.data(), grad_q_rows.data());  // dQ
         at::vec::convert(grad_q_rows.data(), dqp + (h * N + m) * d, rows * d);
       }
+      float* dk = grad_k.data_ptr<float>() + h * P * d;
+      float* dv = grad_v.data_ptr<float>() + h * P * d;
+      grad_scale.data_ptr<float>()[h] = v.scalar_type() == at::kFloat
+          ? finish_head(dktp, dvtp, v.data_ptr<float>() + h * P * d, head_scale, P, d, dk, dv)
+          : finish_head(dktp, dvtp, v.data_ptr<BFloat16>() + h * P * d, head_scale, P, d, dk, dv);
     }
     cpublas::brgemm_release();
   });
-  return {grad_q, grad_k_t, grad_v_t};
+  return {grad_q, grad_k, grad_v, grad_scale};
 }
 
 bool supported() { return cpublas::could_pack(at::kBFloat16); }
