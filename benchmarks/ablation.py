@@ -33,6 +33,7 @@ from memory_mosaics.ops import (
     features_cpu,
     leaky_average_reference,
     persistent_read_cpu,
+    retrieval,
     scaled_normalize_reference,
 )
 from memory_mosaics.ops import leaky_average as leaky_average_now
@@ -94,6 +95,15 @@ def persistent_retrieval_blocked(queries, memory_keys, memory_values, dropout_p=
     return out.view(heads, batch, length, dim).transpose(0, 1)
 
 
+class KeysAsTwoSlices:
+    """The context read's queries and stored keys as two plain slices (each slice's backward pass fills a
+    zero tensor and copies into it, and autograd adds the two)."""
+
+    @staticmethod
+    def apply(keys, shift):
+        return keys[..., shift:, :], keys[..., : keys.shape[-2] - shift, :]
+
+
 def context_forward_unfused(self, x):
     """Two projections, values for every position, zero rows padded before the output projection."""
     keys, values = self.key(x), self.value(x)
@@ -132,6 +142,7 @@ VARIANTS = {
     "persistent read by blocked products": [(memory_layers, "persistent_retrieval", persistent_retrieval_blocked)],
     "persistent read by fused attention (no compiled kernel)": [(persistent_read_cpu, "usable", lambda *a, **k: False)],
     "key and value features by PyTorch operators (no compiled kernel)": [(features_cpu, "usable", lambda *a: False)],
+    "queries and stored keys as two slices": [(retrieval, "_QueriesAndStoredKeys", KeysAsTwoSlices)],
     "unfused context projections": [(memory_layers.ContextMemory, "forward", context_forward_unfused)],
     "output scale on reads": [(memory_layers.PersistentMemory, "read", persistent_read_scaling_reads)],
     "output scale on the value tables": [(memory_layers.PersistentMemory, "read", persistent_read_scaling_tables)],

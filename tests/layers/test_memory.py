@@ -35,7 +35,7 @@ def assert_same_outputs_and_gradients(fast, reference, x):
         torch.testing.assert_close(grad_or_zero(p_fast), p_ref.grad, rtol=1e-9, atol=1e-10, msg=name)
 
 
-@pytest.mark.parametrize("length", [1, 2, 9, 40])
+@pytest.mark.parametrize("length", [1, 2, 3, 9, 40])
 @pytest.mark.parametrize("value_kind", ["lowrank", "kernel2"])
 @pytest.mark.parametrize("shift", [1, 2])
 @pytest.mark.parametrize("bias", [False, True])
