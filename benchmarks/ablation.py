@@ -143,6 +143,7 @@ VARIANTS = {
     "persistent read by fused attention (no compiled kernel)": [(persistent_read_cpu, "usable", lambda *a, **k: False)],
     "key and value features by PyTorch operators (no compiled kernel)": [(features_cpu, "usable", lambda *a: False)],
     "queries and stored keys as two slices": [(retrieval, "_QueriesAndStoredKeys", KeysAsTwoSlices)],
+    "stored values as a slice": [(memory_layers, "leading_rows", lambda x, count: x[..., :count, :])],
     "unfused context projections": [(memory_layers.ContextMemory, "forward", context_forward_unfused)],
     "output scale on reads": [(memory_layers.PersistentMemory, "read", persistent_read_scaling_reads)],
     "output scale on the value tables": [(memory_layers.PersistentMemory, "read", persistent_read_scaling_tables)],

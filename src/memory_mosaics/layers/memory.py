@@ -34,6 +34,7 @@ from memory_mosaics.ops import (
     context_read,
     context_retrieval_reference,
     features_cpu,
+    leading_rows,
     leaky_average,
     leaky_average_reference,
     persistent_retrieval,
@@ -233,7 +234,7 @@ class ContextMemory(nn.Module):
         key_part, value_part = projected.split([channels, projected.shape[-1] - channels], dim=-1)
         keys = key(x, projected=key_part)
         values = value(x, projected=value_part)
-        retrieved = context_read(keys, values[..., : length - shift, :], shift, self.dropout, self.training)
+        retrieved = context_read(keys, leading_rows(values, length - shift), shift, self.dropout, self.training)
         out = F.linear(merge_heads(retrieved), self.c_proj.weight)
         out = F.pad(out, (0, 0, shift, 0))  # rows t < shift read nothing: c_proj(0) = its bias
         return out if self.c_proj.bias is None else out + self.c_proj.bias

@@ -10,6 +10,7 @@ from memory_mosaics.ops.retrieval import (
     context_read,
     context_retrieval,
     context_retrieval_reference,
+    leading_rows,
     persistent_retrieval,
     persistent_retrieval_reference,
 )
@@ -18,6 +19,7 @@ __all__ = [
     "context_read",
     "context_retrieval",
     "context_retrieval_reference",
+    "leading_rows",
     "leaky_average",
     "leaky_average_reference",
     "leaky_average_step",

@@ -71,6 +71,29 @@ class _QueriesAndStoredKeys(torch.autograd.Function):
         return grad, None
 
 
+class _LeadingRows(torch.autograd.Function):
+    """x[..., :count, :], whose backward pass zero-fills only the rows after `count` (a slice's fills the
+    whole gradient with zeros, then copies into it)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, count: int):
+        ctx.shape = x.shape
+        return x[..., :count, :]
+
+    @staticmethod
+    def backward(ctx, grad_rows: Tensor):
+        count = grad_rows.shape[-2]
+        grad = grad_rows.new_empty(ctx.shape)
+        grad[..., :count, :] = grad_rows
+        grad[..., count:, :] = 0
+        return grad, None
+
+
+def leading_rows(x: Tensor, count: int) -> Tensor:
+    """x[..., :count, :] (the values of the pairs a context memory reads), cheaper to differentiate."""
+    return _LeadingRows.apply(x, count) if x.requires_grad else x[..., :count, :]
+
+
 def context_read(
     keys: Tensor, stored_values: Tensor, shift: int = 1, dropout_p: float = 0.0, training: bool = False
 ) -> Tensor:
@@ -102,7 +125,7 @@ def context_retrieval(
     length = keys.shape[-2]
     if length <= shift:
         return torch.zeros_like(values)
-    retrieved = context_read(keys, values[..., : length - shift, :], shift, dropout_p, training)
+    retrieved = context_read(keys, leading_rows(values, length - shift), shift, dropout_p, training)
     return F.pad(retrieved, (0, 0, shift, 0))  # rows t < shift: exactly zero
 
 
@@ -166,7 +189,8 @@ def persistent_retrieval(
     )
     for table_keys, table_values in tables:
         if compiled:  # bf16 on CPUs with AMX: the compiled kernel (persistent_read_cpu.py)
-            read = persistent_read_cpu.persistent_read_cpu(folded[0], table_keys, table_values, value_scale)
+            # squeeze, not [0]: an index's backward pass fills a zero tensor and copies the gradient into it
+            read = persistent_read_cpu.persistent_read_cpu(folded.squeeze(0), table_keys, table_values, value_scale)
             read = read.unsqueeze(0)
         else:
             # (Autocast off: the inputs already have the dtype to compute in.)
