@@ -36,6 +36,11 @@ using at::BFloat16;
 using Vec = at::vec::Vectorized<float>;
 namespace cpublas = at::native::cpublas;
 
+// Slots whose scores the backward pass handles at a time: its float32 scores and score gradients for a
+// block of 128 rows are then 2 x 128 KB, not 2 x 448 KB at P = 896, and the dK, dV sums (2 x 224 KB)
+// they are multiplied into stay in the L2 cache. One layer's backward, 11 interleaved rounds against the
+// whole width: 128 slots -4 %, 256 slots -12 %, 448 slots -9 % (B x T = 2,048; -6, -11, -8 % at 8,192).
+constexpr int64_t SLICE = 256;
 constexpr int64_t PANEL = 64;  // d and P must be multiples of this (whole AVX-512 registers, even row counts)
 
 // Indices for _mm512_permutex2var_epi16 that take a[start], b[start], a[start + 1], b[start + 1], ...
@@ -98,15 +103,21 @@ void pack_table_transposed(const table_t* table, int64_t P, int64_t d, BFloat16*
   }
 }
 
-// The same for a table given as a tensor (float32 or bf16), head h.
-void pack_head(const torch::Tensor& table, int64_t h, bool transposed, BFloat16* out) {
+// The same for a table given as a tensor (float32 or bf16), head h. The transpose is packed in column
+// slices of `slice` slots (the last one narrower): slice c, slots [c0, c0 + width), at out + c0 d.
+void pack_head(const torch::Tensor& table, int64_t h, bool transposed, BFloat16* out, int64_t slice = 0) {
   const int64_t P = table.size(1), d = table.size(2);
+  auto pack = [&](const auto* head) {
+    if (!transposed) return pack_table(head, P, d, out);
+    const int64_t step = slice > 0 ? slice : P;
+    for (int64_t c0 = 0; c0 < P; c0 += step) {
+      pack_table_transposed(head + c0 * d, std::min(step, P - c0), d, out + c0 * d);
+    }
+  };
   if (table.scalar_type() == at::kFloat) {
-    const float* head = table.data_ptr<float>() + h * P * d;
-    transposed ? pack_table_transposed(head, P, d, out) : pack_table(head, P, d, out);
+    pack(table.data_ptr<float>() + h * P * d);
   } else {
-    const BFloat16* head = table.data_ptr<BFloat16>() + h * P * d;
-    transposed ? pack_table_transposed(head, P, d, out) : pack_table(head, P, d, out);
+    pack(table.data_ptr<BFloat16>() + h * P * d);
   }
 }
 
@@ -314,8 +325,8 @@ std::vector<torch::Tensor> backward(torch::Tensor q, torch::Tensor k, torch::Ten
       const float head_scale = scale.data_ptr<float>()[h];
       const BFloat16 *qh = qp + h * N * d, *gh = gp + h * N * d, *oh = op + h * N * d;
       const float* lh = lp + h * N;
-      pack_head(k, h, true, keys_t_packed.data());
-      pack_head(v, h, true, values_t_packed.data());
+      pack_head(k, h, true, keys_t_packed.data(), SLICE);
+      pack_head(v, h, true, values_t_packed.data(), SLICE);
       pack_head(k, h, false, keys_packed.data());
       for (int64_t m = 0; m < N; m += R) {
         const int64_t rows = std::min(R, N - m);
@@ -334,33 +345,41 @@ std::vector<torch::Tensor> backward(torch::Tensor q, torch::Tensor k, torch::Ten
         if (even_rows != rows) {  // a zero row pairs with the last one
           for (int64_t e = 0; e < d; ++e) grad_t[e * R + rows] = q_t[e * R + rows] = BFloat16(0.f);
         }
-        multiply(rows, P, d, d, P, false, qh + m * d, keys_t_packed.data(), weights.data());       // S
-        multiply(rows, P, d, d, P, false, gh + m * d, values_t_packed.data(), grad_scores.data());  // dW
-        // W = exp(S - lse) and dS = W (scale dW - <dO, O>) (the read is scaled: dL/dW = scale dO V^T, and
-        // <dO, O> is taken with the scaled O), two rows at a time: written packed for the dV and dK
-        // products, and dS also row-major for the dQ product.
+        // Column slices of SLICE slots, so that the float32 scores and their gradients stay small beside
+        // the dK, dV sums they are multiplied into.
         const Vec scaled(head_scale);
-        for (int64_t r = 0; r < even_rows; r += 2) {
-          for (int64_t j = 0; j < P; j += 2 * Vec::size()) {
-            __m512i w[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()}, ds[2] = {w[0], w[1]};
-            for (int64_t i = 0; i < 2 && r + i < rows; ++i) {
-              const float *s = weights.data() + (r + i) * P + j, *dw = grad_scores.data() + (r + i) * P + j;
-              const Vec row_lse(lh[m + r + i]), dot(row_dot[r + i]);
-              const Vec p0 = (Vec::loadu(s) - row_lse).fexp_u20();
-              const Vec p1 = (Vec::loadu(s + Vec::size()) - row_lse).fexp_u20();
-              w[i] = bf16_pair(p0, p1);
-              ds[i] = bf16_pair(p0 * (Vec::loadu(dw) * scaled - dot),
-                                p1 * (Vec::loadu(dw + Vec::size()) * scaled - dot));
-              _mm512_storeu_si512(reinterpret_cast<__m512i*>(grad_scores_bf.data() + (r + i) * P + j), ds[i]);
+        for (int64_t c0 = 0; c0 < P; c0 += SLICE) {
+          const int64_t width = std::min(SLICE, P - c0);
+          multiply(rows, width, d, d, width, false, qh + m * d, keys_t_packed.data() + c0 * d, weights.data());  // S
+          multiply(rows, width, d, d, width, false, gh + m * d, values_t_packed.data() + c0 * d,
+                   grad_scores.data());  // dW
+          // W = exp(S - lse) and dS = W (scale dW - <dO, O>) (the read is scaled: dL/dW = scale dO V^T, and
+          // <dO, O> is taken with the scaled O), two rows at a time: written packed for the dV and dK
+          // products, and dS also row-major for the dQ product.
+          for (int64_t r = 0; r < even_rows; r += 2) {
+            for (int64_t j = 0; j < width; j += 2 * Vec::size()) {
+              __m512i w[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()}, ds[2] = {w[0], w[1]};
+              for (int64_t i = 0; i < 2 && r + i < rows; ++i) {
+                const float *s = weights.data() + (r + i) * width + j;
+                const float* dw = grad_scores.data() + (r + i) * width + j;
+                const Vec row_lse(lh[m + r + i]), dot(row_dot[r + i]);
+                const Vec p0 = (Vec::loadu(s) - row_lse).fexp_u20();
+                const Vec p1 = (Vec::loadu(s + Vec::size()) - row_lse).fexp_u20();
+                w[i] = bf16_pair(p0, p1);
+                ds[i] = bf16_pair(p0 * (Vec::loadu(dw) * scaled - dot),
+                                  p1 * (Vec::loadu(dw + Vec::size()) * scaled - dot));
+                _mm512_storeu_si512(reinterpret_cast<__m512i*>(grad_scores_bf.data() + (r + i) * width + j), ds[i]);
+              }
+              store_row_pair(w[0], w[1], j, width, r / 2, weights_packed.data());
+              store_row_pair(ds[0], ds[1], j, width, r / 2, grad_scores_packed.data());
             }
-            store_row_pair(w[0], w[1], j, P, r / 2, weights_packed.data());
-            store_row_pair(ds[0], ds[1], j, P, r / 2, grad_scores_packed.data());
           }
+          const bool add = m > 0;
+          multiply(d, width, even_rows, R, P, add, grad_t.data(), weights_packed.data(), dvtp + c0);  // dV^T
+          multiply(d, width, even_rows, R, P, add, q_t.data(), grad_scores_packed.data(), dktp + c0);  // dK^T
+          multiply(rows, d, width, width, d, c0 > 0, grad_scores_bf.data(), keys_packed.data() + c0 * d,
+                   grad_q_rows.data());  // dQ
         }
-        const bool add = m > 0;
-        multiply(d, P, even_rows, R, P, add, grad_t.data(), weights_packed.data(), dvtp);  // dV^T
-        multiply(d, P, even_rows, R, P, add, q_t.data(), grad_scores_packed.data(), dktp);  // dK^T
-        multiply(rows, d, P, P, d, false, grad_scores_bf.data(), keys_packed.data(), grad_q_rows.data());  // dQ
         at::vec::convert(grad_q_rows.data(), dqp + (h * N + m) * d, rows * d);
       }
       float* dk = grad_k.data_ptr<float>() + h * P * d;
