@@ -44,8 +44,8 @@ def import_revision(rev: str, folder: Path):
     return importlib.import_module("memory_mosaics_then")
 
 
-def measure(then, length: int, dtype: str, rounds: int) -> dict:
-    settings = ThroughputSettings()
+def measure(then, length: int, dtype: str, rounds: int, batch_size: int = 8) -> dict:
+    settings = ThroughputSettings(batch_size=batch_size)
     torch.manual_seed(settings.seed)
     config = then.MemoryMosaicConfig(
         vocab_size=settings.vocab_size,
@@ -89,6 +89,7 @@ def main() -> int:
     parser.add_argument("--lengths", default="256")
     parser.add_argument("--dtypes", default="bfloat16,float32")
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--batch-size", type=int, default=8, help="1 with a short --lengths: the per-step fixed cost")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", default=str(RESULTS / "before_after.json"))
     args = parser.parse_args()
@@ -98,9 +99,10 @@ def main() -> int:
         cells = []
         for length in (int(v) for v in args.lengths.split(",")):
             for dtype in args.dtypes.split(","):
-                cells.append(measure(then, length, dtype, args.rounds))
+                cells.append(measure(then, length, dtype, args.rounds, args.batch_size))
                 print(json.dumps({k: v for k, v in cells[-1].items() if k != "all_seconds"}), flush=True)
-    result = {"rev": args.rev, "threads": args.threads, "rounds": args.rounds, "cells": cells}
+    result = {"rev": args.rev, "threads": args.threads, "rounds": args.rounds, "batch_size": args.batch_size}
+    result["cells"] = cells
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0

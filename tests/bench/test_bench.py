@@ -79,5 +79,6 @@ def test_cli_rejects_bad_input_and_writes_json(tmp_path, capsys):
     assert main(["bench", "--lengths", "abc"]) == 2
     assert main(["bench", "--dtypes", "float16"]) == 2
     assert main(["bench", "--models", "rnn"]) == 2
+    assert main(["bench", "--batch-size", "0"]) == 2
     assert main(["bench", "--json", str(tmp_path / "missing" / "x.json")]) == 2
     assert "error" in capsys.readouterr().err

@@ -32,6 +32,9 @@ def register(subparsers) -> None:
     parser.add_argument("--lengths", help="comma-separated sequence lengths (default 256,1024,4096)")
     parser.add_argument("--dtypes", help="comma-separated: float32,bfloat16 (default both)")
     parser.add_argument("--models", help="comma-separated subset of mosaic,gpt,nanogpt (default all)")
+    parser.add_argument(
+        "--batch-size", type=int, help="sequences per step (default 8; 1 with a short --lengths: the fixed cost)"
+    )
     parser.add_argument("--rounds", type=int, help="interleaved rounds per cell (default 5)")
     parser.add_argument("--steps-per-round", type=int, help="steps timed per model and round (default 1)")
     parser.add_argument("--warmup-steps", type=int, help="untimed steps per model before a cell (default 1)")
@@ -73,7 +76,7 @@ def settings_from_args(args: argparse.Namespace):
         unknown = set(settings.models) - set(MODELS)
         if unknown:
             raise ConfigError(f"--models: unknown {', '.join(sorted(unknown))}; known: {', '.join(MODELS)}")
-    for name in ("rounds", "steps_per_round", "warmup_steps", "threads"):
+    for name in ("batch_size", "rounds", "steps_per_round", "warmup_steps", "threads"):
         value = getattr(args, name)
         if value is not None:
             if value < 1:
