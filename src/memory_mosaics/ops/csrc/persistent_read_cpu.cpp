@@ -148,7 +148,8 @@ float horizontal_sum(Vec v) {
 
 // A thread's scratch buffer, kept from call to call (slot: which of its buffers of type T). Fresh vectors
 // on every call — about 1 MB forward and 2.5 MB backward, zeroed, in memory the allocator had returned to
-// the system — were a fixed cost of about 0.5 ms per call, four calls per layer and training step.
+// the system — were a fixed cost of every call: with them gone (and the tables packed with AVX-512), a
+// 16-row call took 0.24 instead of 0.37 ms forward and 0.39 instead of 0.70 ms backward.
 template <typename T>
 class Scratch {
  public:
