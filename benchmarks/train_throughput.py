@@ -4,8 +4,10 @@
     python benchmarks/train_throughput.py --quick    # T=256 only; prints the table, writes nothing
 
 Any `mosaic bench` flag works here too (--lengths, --dtypes, --rounds, --threads, --no-memory, ...).
-Only a run of every cell writes the committed results by default; a partial run (any of
-`PARTIAL_RUN_FLAGS`) writes files only where --json / --png say.
+Only a run of every cell writes the committed results by default, and only when neither --json nor
+--png says where to write (a run told to write its JSON elsewhere had overwritten the committed figure,
+which then disagreed with the committed JSON); a partial run (any of `PARTIAL_RUN_FLAGS`) writes files
+only where --json / --png say.
 """
 
 from __future__ import annotations
@@ -20,10 +22,9 @@ PARTIAL_RUN_FLAGS = ("--quick", "--lengths", "--dtypes", "--models", "--no-memor
 
 if __name__ == "__main__":
     argv = sys.argv[1:]
-    full_run = not any(arg.split("=")[0] in PARTIAL_RUN_FLAGS for arg in argv)
-    if full_run and "--json" not in argv:
-        argv += ["--json", str(RESULTS / "train_throughput.json")]
-    if full_run and "--png" not in argv:
-        argv += ["--png", str(RESULTS / "train_throughput.png")]
+    flags = {arg.split("=")[0] for arg in argv}
+    full_run = not flags & set(PARTIAL_RUN_FLAGS)
+    if full_run and not flags & {"--json", "--png"}:
+        argv += ["--json", str(RESULTS / "train_throughput.json"), "--png", str(RESULTS / "train_throughput.png")]
     RESULTS.mkdir(exist_ok=True)
     sys.exit(main(["bench", *argv]))
