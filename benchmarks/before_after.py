@@ -101,8 +101,13 @@ def main() -> int:
             for dtype in args.dtypes.split(","):
                 cells.append(measure(then, length, dtype, args.rounds, args.batch_size))
                 print(json.dumps({k: v for k, v in cells[-1].items() if k != "all_seconds"}), flush=True)
-    result = {"rev": args.rev, "threads": args.threads, "rounds": args.rounds, "batch_size": args.batch_size}
-    result["cells"] = cells
+    result = {
+        "rev": args.rev,
+        "threads": args.threads,
+        "rounds": args.rounds,
+        "batch_size": args.batch_size,
+        "cells": cells,
+    }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0

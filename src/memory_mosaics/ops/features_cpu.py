@@ -64,35 +64,35 @@ def _per_head(parameter: Tensor) -> Tensor:
 class KeyFeaturesCPU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, projected: Tensor, decay: Tensor, scale: Tensor, heads: int) -> Tensor:
-        ctx.save_for_backward(projected, decay, scale)
-        ctx.heads = heads
-        return kernel().key_forward(projected, heads, _per_head(decay), _per_head(scale))
+        decay_float, scale_float = _per_head(decay), _per_head(scale)  # kept: the backward pass needs them too
+        ctx.save_for_backward(projected, decay_float, scale_float)
+        ctx.heads, ctx.dtypes = heads, (decay.dtype, scale.dtype)
+        return kernel().key_forward(projected, heads, decay_float, scale_float)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         projected, decay, scale = ctx.saved_tensors
-        decay_float = _per_head(decay)
-        scale_float = _per_head(scale)
-        grad_x, decay_dots, scale_dots = kernel().key_backward(grad, projected, ctx.heads, decay_float, scale_float)
+        grad_x, decay_dots, scale_dots = kernel().key_backward(grad, projected, ctx.heads, decay, scale)
         # d s_t / d a = s_{t-1} + a d s_{t-1} / d a, so dL/da = sum_t <dL/ds_t, s_{t-1}>; a = exp(-decay).
-        grad_decay = (-torch.exp(-decay_float) * decay_dots.sum(0)).to(decay.dtype)
-        return grad_x, grad_decay, scale_dots.sum(0).to(scale.dtype), None
+        grad_decay = -torch.exp(-decay) * decay_dots.sum(0)
+        decay_dtype, scale_dtype = ctx.dtypes
+        return grad_x, grad_decay.to(decay_dtype), scale_dots.sum(0).to(scale_dtype), None
 
 
 class ValueFeaturesCPU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, projected: Tensor, mix: Tensor, scale: Tensor, heads: int, shift: int) -> Tensor:
-        ctx.save_for_backward(projected, mix, scale)
-        ctx.heads, ctx.shift = heads, shift
-        return kernel().value_forward(projected, heads, shift, _per_head(mix), _per_head(scale))
+        mix_float, scale_float = _per_head(mix), _per_head(scale)  # kept: the backward pass needs them too
+        ctx.save_for_backward(projected, mix_float, scale_float)
+        ctx.heads, ctx.shift, ctx.dtypes = heads, shift, (mix.dtype, scale.dtype)
+        return kernel().value_forward(projected, heads, shift, mix_float, scale_float)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         projected, mix, scale = ctx.saved_tensors
-        grad_p, mix_dots, scale_dots = kernel().value_backward(
-            grad, projected, ctx.heads, ctx.shift, _per_head(mix), _per_head(scale)
-        )
-        return grad_p, mix_dots.sum(0).to(mix.dtype), scale_dots.sum(0).to(scale.dtype), None, None
+        grad_p, mix_dots, scale_dots = kernel().value_backward(grad, projected, ctx.heads, ctx.shift, mix, scale)
+        mix_dtype, scale_dtype = ctx.dtypes
+        return grad_p, mix_dots.sum(0).to(mix_dtype), scale_dots.sum(0).to(scale_dtype), None, None
 
 
 def key_features(projected: Tensor, heads: int, decay: Tensor, scale: Tensor) -> Tensor:

@@ -28,8 +28,8 @@ from torch import Tensor
 from memory_mosaics.ops import cpu_extensions
 
 logger = logging.getLogger(__name__)
-BLOCK_ROWS = 128  # query rows per block: the block's float32 scores and gradients (2 x 128 x P) stay in L2
-PANEL = 64
+BLOCK_ROWS = 128  # query rows per block; the backward's float32 scores and gradients, 2 x 128 x 256, stay in L2
+SIZE_MULTIPLE = 64  # d and P must be multiples of this (the kernel's check)
 # AVX-512 code, and ATen's vector types in their AVX-512 form (without the CPU_CAPABILITY macros they
 # fall back to scalar loops: measured 27 ms instead of 4 for the elementwise part of one backward).
 COMPILE_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma"]
@@ -61,8 +61,8 @@ def usable(queries: Tensor, memory_keys: Tensor, dropout: bool) -> bool:
         and queries.device.type == "cpu"
         and queries.dtype == torch.bfloat16
         and memory_keys.dtype in (torch.float32, torch.bfloat16)
-        and queries.shape[-1] % PANEL == 0
-        and memory_keys.shape[-2] % PANEL == 0
+        and queries.shape[-1] % SIZE_MULTIPLE == 0
+        and memory_keys.shape[-2] % SIZE_MULTIPLE == 0
         and kernel() is not None
     )
 

@@ -41,7 +41,8 @@ namespace cpublas = at::native::cpublas;
 // they are multiplied into stay in the L2 cache. One layer's backward, 11 interleaved rounds against the
 // whole width: 128 slots -4 %, 256 slots -12 %, 448 slots -9 % (B x T = 2,048; -6, -11, -8 % at 8,192).
 constexpr int64_t SLICE = 256;
-constexpr int64_t PANEL = 64;  // d and P must be multiples of this (whole AVX-512 registers, even row counts)
+// d and P must be multiples of this: rows are handled in whole AVX-512 registers, 32 numbers at a time.
+constexpr int64_t SIZE_MULTIPLE = 64;
 
 // Indices for _mm512_permutex2var_epi16 that take a[start], b[start], a[start + 1], b[start + 1], ...
 // (entries 0-31 pick from a, 32-63 from b).
@@ -177,8 +178,9 @@ void check_inputs(const torch::Tensor& q, const torch::Tensor& k, const torch::T
               "the tables must both be float32 or both bf16");
   TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous(), "contiguous inputs only");
   TORCH_CHECK(k.sizes() == v.sizes() && q.size(0) == k.size(0) && q.size(2) == k.size(2), "shape mismatch");
-  TORCH_CHECK(q.size(2) % PANEL == 0 && k.size(1) % PANEL == 0, "d and P must be multiples of 64");
-  static_assert(PANEL % (2 * Vec::size()) == 0, "rows are processed 2 x Vec::size() numbers at a time");
+  TORCH_CHECK(q.size(2) % SIZE_MULTIPLE == 0 && k.size(1) % SIZE_MULTIPLE == 0,
+              "d and P must be multiples of ", SIZE_MULTIPLE);
+  static_assert(SIZE_MULTIPLE % (2 * Vec::size()) == 0, "rows are handled 2 x Vec::size() numbers at a time");
   TORCH_CHECK(block_rows > 0 && block_rows % 2 == 0, "block_rows must be even and positive");
 }
 

@@ -25,7 +25,7 @@ from memory_mosaics.errors import ConfigError
 from memory_mosaics.tasks.regbench.data import IGNORE, Prompt, RegBenchSplits, make_batch
 from memory_mosaics.tasks.regbench.metrics import MetricSums, next_symbol_masks, score_logits
 from memory_mosaics.tasks.regbench.models import build_model, count_params
-from memory_mosaics.train.optim import adamw
+from memory_mosaics.train.optim import adamw, param_groups
 
 # Longest input the benchmark's generator can make: 19 strings of 49 letters and 18 separators.
 DEFAULT_BLOCK_SIZE = 1024
@@ -103,15 +103,9 @@ def learning_rate(step: int, total: int, config: TrainConfig) -> float:
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW that decays matrices and embeddings but not biases, norms and per-head scalars."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [
-        {"params": decay, "weight_decay": config.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return adamw(groups, lr=config.lr, betas=(0.9, 0.999))
+    """AdamW that decays matrices and embeddings but not biases, norms and per-head scalars (the trainer's
+    groups), with RegBench's betas."""
+    return adamw(param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.999))
 
 
 def _autocast(config: TrainConfig, device: torch.device):
