@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 
 from memory_mosaics.bench.throughput import ThroughputSettings, build_model, training_step
+from memory_mosaics.commands._common import check_writable
+from memory_mosaics.errors import MosaicError
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -93,12 +95,28 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", default=str(RESULTS / "before_after.json"))
     args = parser.parse_args()
+    try:  # before the minutes of measuring
+        lengths = [int(v) for v in args.lengths.split(",")]
+    except ValueError:
+        parser.error(f"--lengths: expected comma-separated integers, got {args.lengths!r}")
+    dtypes = args.dtypes.split(",")
+    if min(lengths) < 2 or min(args.rounds, args.batch_size, args.threads) < 1:
+        parser.error("--lengths must be at least 2, --rounds, --batch-size and --threads at least 1")
+    if not set(dtypes) <= {"bfloat16", "float32"}:
+        parser.error(f"--dtypes: bfloat16 and/or float32, got {args.dtypes!r}")
+    try:
+        check_writable(args.json, "--json")
+    except MosaicError as err:
+        parser.error(str(err))
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as folder:
-        then = import_revision(args.rev, Path(folder))
+        try:
+            then = import_revision(args.rev, Path(folder))
+        except subprocess.CalledProcessError as err:
+            parser.error(f"--rev {args.rev!r}: {err.stderr.decode().strip() or 'git archive failed'}")
         cells = []
-        for length in (int(v) for v in args.lengths.split(",")):
-            for dtype in args.dtypes.split(","):
+        for length in lengths:
+            for dtype in dtypes:
                 cells.append(measure(then, length, dtype, args.rounds, args.batch_size))
                 print(json.dumps({k: v for k, v in cells[-1].items() if k != "all_seconds"}), flush=True)
     result = {
@@ -108,7 +126,6 @@ def main() -> int:
         "batch_size": args.batch_size,
         "cells": cells,
     }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0
 
