@@ -48,7 +48,8 @@ def build_at(revision: str, source: str, flags: list[str]):
             ["git", "show", f"{revision}:{CSRC}/{source}"], cwd=REPOSITORY, capture_output=True, text=True, check=True
         ).stdout
     except (OSError, subprocess.CalledProcessError) as err:
-        raise MosaicError(f"cannot read {CSRC}/{source} at {revision!r}: {getattr(err, 'stderr', '') or err}") from err
+        reason = (getattr(err, "stderr", "") or str(err)).strip()
+        raise MosaicError(f"cannot read {CSRC}/{source} at {revision!r}: {reason}") from err
     path = Path(tempfile.mkdtemp(prefix="kernel_at_")) / source
     path.write_text(text)
     name = f"{path.stem}_at_" + "".join(c if c.isalnum() else "_" for c in revision)
