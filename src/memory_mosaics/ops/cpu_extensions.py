@@ -9,6 +9,7 @@ path. `MOSAIC_CPU_KERNEL=0` turns every compiled kernel off.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -31,6 +32,15 @@ def cpu_flags() -> set[str]:
     except OSError:
         pass
     return set()
+
+
+def headers_flag() -> str:
+    """A define naming the shared headers' contents: torch's builder rebuilds a kernel when its source or
+    its flags change, not when a header it includes does, so the headers ride in the flags."""
+    digest = hashlib.sha256()
+    for header in sorted(SOURCES.glob("*.h")):
+        digest.update(header.read_bytes())
+    return f"-DMOSAIC_HEADERS_{digest.hexdigest()[:16]}"
 
 
 def _built_before(name: str) -> bool:
@@ -66,7 +76,9 @@ def load(name: str, source: str, flags: list[str], what: str, build_seconds: int
         _put_ninja_on_path()
         if not _built_before(name):
             logger.warning("memory_mosaics: building the CPU kernel for %s (once; about %d s)", what, build_seconds)
-        return build_and_import(name=name, sources=[str(SOURCES / source)], extra_cflags=flags, verbose=False)
+        return build_and_import(
+            name=name, sources=[str(SOURCES / source)], extra_cflags=[*flags, headers_flag()], verbose=False
+        )
     except Exception as error:  # no compiler, no ninja, unwritable cache: the caller keeps its plain path
         logger.info("CPU kernel for %s off: the build failed (%s)", what, str(error).splitlines()[0][:200])
         return None

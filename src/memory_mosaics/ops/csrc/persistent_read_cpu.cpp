@@ -16,25 +16,16 @@
 // measured against float64), not exp_u20 (degree 5): every weight is rounded to bf16 (relative step 2^-9
 // = 2e-3) before it is used, so the extra error does not show (errors against float64 unchanged to two
 // digits), and in interleaved runs the forward pass took 4-15 % less time, the backward 2-10 % less.
-#include <torch/extension.h>
+#include "amx_bf16.h"
+
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/vec.h>
-#include <ATen/native/CPUBlas.h>
 
-#include <immintrin.h>
-
-#include <algorithm>
-#include <array>
 #include <cmath>
-#include <cstdint>
 #include <limits>
-#include <vector>
 
 namespace {
 
-using at::BFloat16;
-using Vec = at::vec::Vectorized<float>;
-namespace cpublas = at::native::cpublas;
+using namespace amx_bf16;
 
 // Slots whose scores the backward pass handles at a time: its float32 scores and score gradients for a
 // block of 128 rows are then 2 x 128 KB, not 2 x 448 KB at P = 896, and the dK, dV sums (2 x 224 KB)
@@ -44,75 +35,16 @@ constexpr int64_t SLICE = 256;
 // d and P must be multiples of this: rows are handled in whole AVX-512 registers, 32 numbers at a time.
 constexpr int64_t SIZE_MULTIPLE = 64;
 
-// Indices for _mm512_permutex2var_epi16 that take a[start], b[start], a[start + 1], b[start + 1], ...
-// (entries 0-31 pick from a, 32-63 from b).
-__m512i interleave_indices(int start) {
-  alignas(64) uint16_t indices[32];
-  for (int n = 0; n < 16; ++n) {
-    indices[2 * n] = static_cast<uint16_t>(start + n);
-    indices[2 * n + 1] = static_cast<uint16_t>(32 + start + n);
-  }
-  return _mm512_load_si512(indices);
-}
-
-// Two float vectors -> 2 x 16 bf16 numbers in one register, a first (rounded to nearest even). An
-// AVX512-BF16 instruction: the Python loader builds and runs the kernel only where the CPU has it.
-__m512i bf16_pair(const Vec& a, const Vec& b) { return (__m512i)_mm512_cvtne2ps_pbh(b, a); }
-
-// 32 consecutive numbers as bf16 in one register (float32 ones rounded to nearest even).
-__m512i load_bf16x32(const float* in) { return bf16_pair(Vec::loadu(in), Vec::loadu(in + Vec::size())); }
-__m512i load_bf16x32(const BFloat16* in) { return _mm512_loadu_si512(in); }
-
-// The micro-kernel's right factors are "VNNI"-packed: a (K x N) matrix, K even, as (K / 2, N, 2) — rows
-// 2i and 2i + 1 interleaved element by element. One product takes the whole width N at once: measured
-// against 64-column panels (cpublas::pack's widest), a (128 x 64) by (64 x 896) product took 25 instead
-// of 35 us, and (64 x 128) by (128 x 896) 24 instead of 26 (one thread, median of 7 x 100 calls).
-//
-// Columns [column, column + 32) of rows 2i (a) and 2i + 1 (b), as bf16 -> their place in pair i of a packed
-// (K x N) factor (checked by the tests through the results: a wrong layout gives wrong gradients).
-void store_row_pair(__m512i a, __m512i b, int64_t column, int64_t N, int64_t pair, BFloat16* packed) {
-  static const __m512i first_half = interleave_indices(0), second_half = interleave_indices(16);
-  BFloat16* out = packed + pair * 2 * N + column * 2;
-  _mm512_storeu_si512(reinterpret_cast<__m512i*>(out), _mm512_permutex2var_epi16(a, first_half, b));
-  _mm512_storeu_si512(reinterpret_cast<__m512i*>(out + 32), _mm512_permutex2var_epi16(a, second_half, b));
-}
-
-// The tables are packed from the parameters themselves, float32 or bf16, rounded to bf16 on the way:
-// no bf16 copy or transposed copy of a table is made first, and their gradients come back in float32.
-
-// Head h of a (H, P, d) table as the packed (P x d) right factor (P even).
-template <typename table_t>
-void pack_table(const table_t* table, int64_t P, int64_t d, BFloat16* out) {
-  for (int64_t pair = 0; pair < P / 2; ++pair) {
-    const table_t *even = table + 2 * pair * d, *odd = even + d;
-    for (int64_t e = 0; e < d; e += 32) store_row_pair(load_bf16x32(even + e), load_bf16x32(odd + e), e, d, pair, out);
-  }
-}
-
-// Head h of a (H, P, d) table as the packed (d x P) right factor of its transpose: entries (2i, j) and
-// (2i + 1, j) of the transpose are entries 2i and 2i + 1 of table row j, already adjacent, so each
-// table row is scattered as d / 2 pairs (32-bit units), 16 at a time, P units apart.
-template <typename table_t>
-void pack_table_transposed(const table_t* table, int64_t P, int64_t d, BFloat16* out) {
-  const __m512i unit_offsets = _mm512_mullo_epi32(
-      _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32(static_cast<int>(P)));
-  auto* units = reinterpret_cast<int*>(out);
-  for (int64_t j = 0; j < P; ++j) {
-    for (int64_t e = 0; e < d; e += 32) {
-      _mm512_i32scatter_epi32(units + (e / 2) * P + j, unit_offsets, load_bf16x32(table + j * d + e), 4);
-    }
-  }
-}
-
-// The same for a table given as a tensor (float32 or bf16), head h. The transpose is packed in column
-// slices of `slice` slots (the last one narrower): slice c, slots [c0, c0 + width), at out + c0 d.
+// Head h of a (H, P, d) table, float32 or bf16, packed as the (P x d) right factor, or its transpose as the
+// (d x P) one in column slices of `slice` slots (the last one narrower): slots [c0, c0 + width) at out + c0 d.
 void pack_head(const torch::Tensor& table, int64_t h, bool transposed, BFloat16* out, int64_t slice = 0) {
   const int64_t P = table.size(1), d = table.size(2);
   auto pack = [&](const auto* head) {
-    if (!transposed) return pack_table(head, P, d, out);
+    if (!transposed) return pack_rows(head, P, P, d, out);
     const int64_t step = slice > 0 ? slice : P;
     for (int64_t c0 = 0; c0 < P; c0 += step) {
-      pack_table_transposed(head + c0 * d, std::min(step, P - c0), d, out + c0 * d);
+      const int64_t width = std::min(step, P - c0);
+      pack_rows_transposed(head + c0 * d, width, width, d, out + c0 * d);
     }
   };
   if (table.scalar_type() == at::kFloat) {
@@ -121,51 +53,6 @@ void pack_head(const torch::Tensor& table, int64_t h, bool transposed, BFloat16*
     pack(table.data_ptr<BFloat16>() + h * P * d);
   }
 }
-
-// C (M x N, row stride ldc) = A (M x K, row stride lda) times packed (K x N) [+ C when accumulate].
-void multiply(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldc, bool accumulate, const BFloat16* A,
-              const BFloat16* packed, float* C) {
-  cpublas::brgemm(M, N, K, lda, N, ldc, accumulate, A, packed, C);
-}
-
-// bf16_pair(a, b) stored at out.
-void to_bf16(const Vec& a, const Vec& b, BFloat16* out) {
-  _mm512_storeu_si512(reinterpret_cast<__m512i*>(out), bf16_pair(a, b));
-}
-
-float horizontal_max(Vec v) {
-  float lanes[Vec::size()];
-  v.store(lanes);
-  return *std::max_element(lanes, lanes + Vec::size());
-}
-
-float horizontal_sum(Vec v) {
-  float lanes[Vec::size()];
-  v.store(lanes);
-  float total = 0.f;
-  for (float lane : lanes) total += lane;
-  return total;
-}
-
-// A thread's scratch buffer, kept from call to call (slot: which of its buffers of type T). Fresh vectors
-// on every call — about 1 MB forward and 2.5 MB backward, zeroed, in memory the allocator had returned to
-// the system — were a fixed cost of every call: with them gone (and the tables packed with AVX-512), a
-// 16-row call took 0.24 instead of 0.37 ms forward and 0.39 instead of 0.70 ms backward.
-template <typename T>
-class Scratch {
- public:
-  Scratch(int slot, size_t size) {
-    thread_local std::array<std::vector<T>, 8> buffers;
-    std::vector<T>& buffer = buffers.at(slot);
-    if (buffer.size() < size) buffer.resize(size);
-    data_ = buffer.data();
-  }
-  T* data() const { return data_; }
-  T& operator[](size_t i) const { return data_[i]; }
-
- private:
-  T* data_;
-};
 
 void check_inputs(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const torch::Tensor& scale,
                   int64_t block_rows) {
@@ -205,7 +92,7 @@ std::vector<torch::Tensor> forward(torch::Tensor q, torch::Tensor k, torch::Tens
       pack_head(v, h, false, values_packed.data());
       for (int64_t m = 0; m < N; m += R) {
         const int64_t rows = std::min(R, N - m);
-        multiply(rows, P, d, d, P, false, qp + (h * N + m) * d, keys_packed.data(), scores.data());
+        multiply(rows, P, d, d, P, P, false, qp + (h * N + m) * d, keys_packed.data(), scores.data());
         for (int64_t r = 0; r < rows; ++r) {
           float* s = scores.data() + r * P;
           Vec vmax(-std::numeric_limits<float>::infinity());
@@ -225,7 +112,7 @@ std::vector<torch::Tensor> forward(torch::Tensor q, torch::Tensor k, torch::Tens
           }
           lp[h * N + m + r] = row_max + std::log(total);
         }
-        multiply(rows, d, P, P, d, false, weights.data(), values_packed.data(), read.data());
+        multiply(rows, d, P, P, d, d, false, weights.data(), values_packed.data(), read.data());
         const Vec head_scale(scale.data_ptr<float>()[h]);
         for (int64_t i = 0; i < rows * d; i += 2 * Vec::size()) {  // scale and round
           to_bf16(Vec::loadu(read.data() + i) * head_scale, Vec::loadu(read.data() + i + Vec::size()) * head_scale,
@@ -237,41 +124,6 @@ std::vector<torch::Tensor> forward(torch::Tensor q, torch::Tensor k, torch::Tens
   });
   return {out, lse};
 }
-
-// A 16 x 16 block of floats transposed (rows of `in` with stride in_stride -> rows of `out`), in registers:
-// pairs of rows interleaved by 32, 64 and 128 bits, then 256.
-void transpose16(const float* in, int64_t in_stride, float* out, int64_t out_stride) {
-  __m512 r[16], t[16];
-  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(in + i * in_stride);
-  for (int i = 0; i < 8; ++i) {
-    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-  }
-  for (int i = 0; i < 4; ++i) {
-    r[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
-    r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
-    r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
-    r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
-  }
-  for (int i = 0; i < 2; ++i) {
-    for (int k = 0; k < 4; ++k) {
-      t[8 * i + k] = _mm512_shuffle_f32x4(r[8 * i + k], r[8 * i + 4 + k], 0x88);
-      t[8 * i + 4 + k] = _mm512_shuffle_f32x4(r[8 * i + k], r[8 * i + 4 + k], 0xDD);
-    }
-  }
-  for (int k = 0; k < 8; ++k) {
-    r[k] = _mm512_shuffle_f32x4(t[k], t[8 + k], 0x88);
-    r[8 + k] = _mm512_shuffle_f32x4(t[k], t[8 + k], 0xDD);
-  }
-  for (int i = 0; i < 16; ++i) _mm512_storeu_ps(out + i * out_stride, r[i]);
-}
-
-// 16 bf16 numbers -> 16 floats (exact: a bf16 number is the top half of a float's bits).
-Vec widen(__m256i bf16x16) { return Vec(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16x16), 16))); }
-
-// 16 table entries as the products used them: rounded to bf16 (if float32), as floats.
-Vec load_as_bf16(const float* in) { return widen((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(in))); }
-Vec load_as_bf16(const BFloat16* in) { return widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(in))); }
 
 // One head's sums dK^T and dV^T (d x P, dV^T of the unscaled values) -> its rows of dk and dv (P x d), dv
 // times the head's scale, 16 x 16 at a time; returns dL/dscale = sum over slots j of <dV_j, v_j> (the
@@ -353,8 +205,9 @@ std::vector<torch::Tensor> backward(torch::Tensor q, torch::Tensor k, torch::Ten
         const Vec scaled(head_scale);
         for (int64_t c0 = 0; c0 < P; c0 += SLICE) {
           const int64_t width = std::min(SLICE, P - c0);
-          multiply(rows, width, d, d, width, false, qh + m * d, keys_t_packed.data() + c0 * d, weights.data());  // S
-          multiply(rows, width, d, d, width, false, gh + m * d, values_t_packed.data() + c0 * d,
+          multiply(rows, width, d, d, width, width, false, qh + m * d, keys_t_packed.data() + c0 * d,
+                   weights.data());  // S
+          multiply(rows, width, d, d, width, width, false, gh + m * d, values_t_packed.data() + c0 * d,
                    grad_scores.data());  // dW
           // W = exp(S - lse) and dS = W (scale dW - <dO, O>) (the read is scaled: dL/dW = scale dO V^T, and
           // <dO, O> is taken with the scaled O), two rows at a time: written packed for the dV and dK
@@ -378,9 +231,9 @@ std::vector<torch::Tensor> backward(torch::Tensor q, torch::Tensor k, torch::Ten
             }
           }
           const bool add = m > 0;
-          multiply(d, width, even_rows, R, P, add, grad_t.data(), weights_packed.data(), dvtp + c0);  // dV^T
-          multiply(d, width, even_rows, R, P, add, q_t.data(), grad_scores_packed.data(), dktp + c0);  // dK^T
-          multiply(rows, d, width, width, d, c0 > 0, grad_scores_bf.data(), keys_packed.data() + c0 * d,
+          multiply(d, width, even_rows, R, width, P, add, grad_t.data(), weights_packed.data(), dvtp + c0);  // dV^T
+          multiply(d, width, even_rows, R, width, P, add, q_t.data(), grad_scores_packed.data(), dktp + c0);  // dK^T
+          multiply(rows, d, width, width, d, d, c0 > 0, grad_scores_bf.data(), keys_packed.data() + c0 * d,
                    grad_q_rows.data());  // dQ
         }
         at::vec::convert(grad_q_rows.data(), dqp + (h * N + m) * d, rows * d);
@@ -396,10 +249,9 @@ std::vector<torch::Tensor> backward(torch::Tensor q, torch::Tensor k, torch::Ten
   return {grad_q, grad_k, grad_v, grad_scale};
 }
 
-bool supported() { return cpublas::could_pack(at::kBFloat16); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "persistent read, forward");
   m.def("backward", &backward, "persistent read, backward");
-  m.def("supported", &supported, "whether this CPU runs the packed bf16 micro-kernels");
+  m.def("supported", &amx_bf16::supported, "whether this CPU runs the packed bf16 micro-kernels");
 }
