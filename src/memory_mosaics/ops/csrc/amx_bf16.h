@@ -166,7 +166,7 @@ template <typename T>
 class Scratch {
  public:
   Scratch(int slot, size_t size) {
-    thread_local std::array<std::vector<T>, 8> buffers;
+    thread_local std::array<std::vector<T>, 16> buffers;
     std::vector<T>& buffer = buffers.at(slot);
     if (buffer.size() < size) buffer.resize(size);
     data_ = buffer.data();
