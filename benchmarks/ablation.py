@@ -29,6 +29,7 @@ from memory_mosaics.bench.throughput import ThroughputSettings, build_model, tra
 from memory_mosaics.commands._common import check_writable
 from memory_mosaics.errors import MosaicError
 from memory_mosaics.ops import (
+    context_read_cpu,
     context_retrieval,
     features_cpu,
     leaky_average_reference,
@@ -105,8 +106,11 @@ class KeysAsTwoSlices:
 
 
 def context_forward_unfused(self, x):
-    """Two projections, values for every position, zero rows padded before the output projection."""
+    """Two projections, values for every position, zero rows padded before the output projection (the
+    compiled read where it runs, so that only the projections differ)."""
     keys, values = self.key(x), self.value(x)
+    if context_read_cpu.usable(keys, self.shift, dropout=self.training and self.dropout > 0):
+        return self.resid_dropout(self.c_proj(context_read_cpu.context_read_cpu(keys, values, self.shift)))
     read = context_retrieval(keys, values, self.shift, self.dropout, self.training)
     return self.resid_dropout(self.c_proj(memory_layers.merge_heads(read)))
 
@@ -141,6 +145,7 @@ VARIANTS = {
     "persistent read by autograd": [(memory_layers, "persistent_retrieval", persistent_retrieval_materialised)],
     "persistent read by blocked products": [(memory_layers, "persistent_retrieval", persistent_retrieval_blocked)],
     "persistent read by fused attention (no compiled kernel)": [(persistent_read_cpu, "usable", lambda *a, **k: False)],
+    "context read by fused attention (no compiled kernel)": [(context_read_cpu, "usable", lambda *a, **k: False)],
     "key and value features by PyTorch operators (no compiled kernel)": [(features_cpu, "usable", lambda *a: False)],
     "queries and stored keys as two slices": [(retrieval, "_QueriesAndStoredKeys", KeysAsTwoSlices)],
     "stored values as a slice": [(memory_layers, "leading_rows", lambda x, count: x[..., :count, :])],
@@ -149,6 +154,11 @@ VARIANTS = {
     "output scale on the value tables": [(memory_layers.PersistentMemory, "read", persistent_read_scaling_tables)],
     "logit scale on logits": [(mosaic_model.MemoryMosaic, "forward", forward_scaling_logits)],
 }
+
+
+# Changes to the fused attention path of the context read, which the compiled kernel (float32 and bf16 on
+# CPUs with AMX) replaces: there they change nothing, so they run only when asked for by name.
+FALLBACK_ONLY = ("queries and stored keys as two slices", "stored values as a slice")
 
 
 @contextmanager
@@ -270,7 +280,7 @@ def main() -> int:
     parser.add_argument("--dtypes", default="bfloat16,float32")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0)
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--variants", default=",".join(name for name in VARIANTS if name not in FALLBACK_ONLY))
     parser.add_argument("--components", action="store_true", help="time single pieces and layers instead")
     parser.add_argument("--json", default=None, help="default results/ablation.json (or components.json)")
     args = parser.parse_args()

@@ -6,7 +6,7 @@ operator and input shape, and sorts it into groups a reader can compare:
 
 - fused attention split by caller: the context memory's causal read (T - v_shift queries), the
   persistent memory's read (the batch folded into one sequence of queries against P slots) and the
-  GPT's causal attention (T queries); the persistent read's compiled kernel, where it runs, apart;
+  GPT's causal attention (T queries); the compiled kernels of both reads, where they run, apart;
 - matrix products (mm, addmm, bmm, baddbmm), the loss (log-softmax forward and backward), and the rest
   (elementwise work, copies, normalisations, the optimiser).
 
@@ -43,6 +43,8 @@ LOSS = {"aten::_log_softmax", "aten::_log_softmax_backward_data"}
 def group(name: str, shapes: list, length: int) -> str:
     if name.startswith("PersistentReadCPU"):  # the compiled kernel (bf16 on AMX CPUs), forward and backward
         return "persistent read: compiled kernel"
+    if name.startswith("ContextReadCPU"):  # the compiled kernel (bf16 and float32 on AMX CPUs)
+        return "context read: compiled kernel"
     if "scaled_dot_product" in name:
         queries = shapes[0] if shapes and shapes[0] else []
         if len(queries) == 4 and queries[0] == 1 and queries[2] > length:
