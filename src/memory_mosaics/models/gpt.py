@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from memory_mosaics.errors import MosaicError
 from memory_mosaics.models.base import ModelConfig, PretrainedModel, check_token_ids, language_model_loss
+from memory_mosaics.ops import gelu_tanh
 
 
 @dataclasses.dataclass
@@ -71,7 +72,7 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        return self.dropout(self.c_proj(gelu_tanh(self.c_fc(x))))  # compiled on CPUs: ops/gelu_cpu.py
 
 
 class Block(nn.Module):

@@ -1,5 +1,6 @@
 """Pure tensor functions: the leaky average and memory retrieval, each fast form beside its plain twin."""
 
+from memory_mosaics.ops.gelu_cpu import gelu_tanh
 from memory_mosaics.ops.leaky_average import (
     leaky_average,
     leaky_average_reference,
@@ -19,6 +20,7 @@ __all__ = [
     "context_read",
     "context_retrieval",
     "context_retrieval_reference",
+    "gelu_tanh",
     "leading_rows",
     "leaky_average",
     "leaky_average_reference",
