@@ -1,10 +1,11 @@
 """A compiled CPU kernel as it is now against the same kernel at an earlier commit.
 
-Builds the kernel's C++ source as it was at --against (read with `git show`, compiled under its own
-module name with the same flags) beside the working tree's kernel, then calls both on the same inputs
-in interleaved rounds (order alternating) and reports the median time of each call, how far apart the
-two kernels' results are (0 when a change only moves work around) and, for the persistent read, each
-one's relative error against float64, so a faster kernel that got less accurate shows it.
+Builds the kernel's C++ source as it was at --against (read with `git show`, with the shared headers of
+that commit beside it, compiled under its own module name with the same flags) beside the working
+tree's kernel, then calls both on the same inputs in interleaved rounds (order alternating) and reports
+the median time of each call, how far apart the two kernels' results are (0 when a change only moves
+work around) and, for the two reads, each one's relative error against float64, so a faster kernel
+that got less accurate shows it.
 
 - `--kernel persistent_read` (`ops/csrc/persistent_read_cpu.cpp`): one layer's read, (4, rows, 64)
   bf16 queries against one (4, 896, 64) table, forward and backward; rows 2048 and 8192 are B x T for
@@ -12,6 +13,9 @@ one's relative error against float64, so a faster kernel that got less accurate 
   parameters as the model does, which kernels before commit c0dd72b refuse). Needs AVX-512 BF16 and AMX.
 - `--kernel features` (`ops/csrc/features_cpu.cpp`): one layer's key and value features, forward and
   backward, on a (8, rows / 8, 256) projection with 4 heads (d = 64), bf16 and float32.
+- `--kernel context_read` (`ops/csrc/context_read_cpu.cpp`): one layer's causal read, forward and
+  backward, 8 sequences of rows / 8 positions, 4 heads, d = 64, bf16 and float32 (commit e5af7f9 on; bf16
+  only before cbb80af).
 
     python benchmarks/kernel_revisions.py --kernel persistent_read --against 0e9b00d --json /tmp/read.json
     python benchmarks/kernel_revisions.py --kernel features --against 8902263 --rows 2048
@@ -35,23 +39,28 @@ from torch.utils.cpp_extension import load
 
 from memory_mosaics.commands._common import check_writable
 from memory_mosaics.errors import MosaicError
-from memory_mosaics.ops import features_cpu, persistent_read_cpu
+from memory_mosaics.layers.memory import merge_heads
+from memory_mosaics.ops import context_read_cpu, context_retrieval_reference, features_cpu, persistent_read_cpu
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 CSRC = "src/memory_mosaics/ops/csrc"
 
 
-def build_at(revision: str, source: str, flags: list[str]):
-    """`source` (a file in csrc/) as it was at `revision`, compiled as its own module."""
+def git(*arguments: str) -> str:
     try:
-        text = subprocess.run(
-            ["git", "show", f"{revision}:{CSRC}/{source}"], cwd=REPOSITORY, capture_output=True, text=True, check=True
-        ).stdout
+        return subprocess.run(["git", *arguments], cwd=REPOSITORY, capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError) as err:
         reason = (getattr(err, "stderr", "") or str(err)).strip()
-        raise MosaicError(f"cannot read {CSRC}/{source} at {revision!r}: {reason}") from err
-    path = Path(tempfile.mkdtemp(prefix="kernel_at_")) / source
-    path.write_text(text)
+        raise MosaicError(f"git {' '.join(arguments)}: {reason}") from err
+
+
+def build_at(revision: str, source: str, flags: list[str]):
+    """`source` (a file in csrc/) as it was at `revision`, with the headers beside it then, compiled as its
+    own module."""
+    folder = Path(tempfile.mkdtemp(prefix="kernel_at_"))
+    for name in [source] + [n for n in git("ls-tree", "--name-only", f"{revision}:{CSRC}").split() if n.endswith(".h")]:
+        (folder / name).write_text(git("show", f"{revision}:{CSRC}/{name}"))
+    path = folder / source
     name = f"{path.stem}_at_" + "".join(c if c.isalnum() else "_" for c in revision)
     return load(name, [str(path)], extra_cflags=flags, verbose=False)
 
@@ -95,6 +104,34 @@ def read_float64(queries, keys, values, grad) -> dict:
     """The same results by plain softmax in float64."""
     leaves = [t.double().requires_grad_() for t in (queries, keys, values)]
     out = torch.softmax(leaves[0] @ leaves[1].transpose(1, 2), dim=-1) @ leaves[2]
+    out.backward(grad.double())
+    return {"forward": [out.detach()], "backward": [leaf.grad for leaf in leaves]}
+
+
+# -- the context read ---------------------------------------------------------------------------------
+
+
+def context_problem(rows: int, dtype: torch.dtype, heads: int = 4, dim: int = 64):
+    """Keys of norm 3 and values for a batch of 8 sequences of rows / 8 positions, head-major as the
+    features kernels write them, and the read's gradient (B, T, H d); fixed seed."""
+    generator = torch.Generator().manual_seed(0)
+    batch, length = 8, rows // 8
+    keys = torch.nn.functional.normalize(torch.randn(heads, batch, length, dim, generator=generator), dim=-1) * 3
+    values = torch.randn(heads, batch, length, dim, generator=generator)
+    grad = torch.randn(batch, length, heads * dim, generator=generator)
+    return [keys.to(dtype).transpose(0, 1), values.to(dtype).transpose(0, 1), grad.to(dtype)]
+
+
+def context_calls(module, keys, values, grad) -> dict:
+    rows = context_read_cpu.BLOCK_ROWS[keys.dtype]
+    forward_seconds, (out, lse) = timed(lambda: module.forward(keys, values, 1, rows))
+    backward_seconds, grads = timed(lambda: module.backward(keys, values, out, lse, grad, 1, rows))
+    return {"forward": (forward_seconds, [out]), "backward": (backward_seconds, list(grads))}
+
+
+def context_float64(keys, values, grad) -> dict:
+    leaves = [t.double().requires_grad_() for t in (keys, values)]
+    out = merge_heads(context_retrieval_reference(*leaves, 1))
     out.backward(grad.double())
     return {"forward": [out.detach()], "backward": [leaf.grad for leaf in leaves]}
 
@@ -164,6 +201,7 @@ def compare(kernels: dict, calls, inputs, rounds: int, expected: dict | None = N
 KERNELS = {
     "persistent_read": ("persistent_read_cpu.cpp", persistent_read_cpu.COMPILE_FLAGS, persistent_read_cpu.kernel),
     "features": ("features_cpu.cpp", features_cpu.compile_flags(), features_cpu.kernel),
+    "context_read": ("context_read_cpu.cpp", persistent_read_cpu.COMPILE_FLAGS, context_read_cpu.kernel),
 }
 
 
@@ -173,6 +211,11 @@ def cases(kernel: str, rows: list[int], tables: torch.dtype):
         if kernel == "persistent_read":
             inputs = read_problem(n, tables)
             yield f"rows {n}, {str(tables).removeprefix('torch.')} tables", read_calls, inputs, read_float64(*inputs)
+        elif kernel == "context_read":
+            for dtype in (torch.bfloat16, torch.float32):
+                inputs = context_problem(n, dtype)
+                label = f"T {n // 8}, {str(dtype).removeprefix('torch.')}"
+                yield label, context_calls, inputs, context_float64(*inputs)
         else:
             for dtype in (torch.bfloat16, torch.float32):
                 yield f"rows {n}, {str(dtype).removeprefix('torch.')}", features_calls, features_problem(n, dtype), None
