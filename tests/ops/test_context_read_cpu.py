@@ -53,12 +53,20 @@ def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize(
     "batch, heads, length, dim, shift",
-    [(2, 4, 256, 64, 1), (1, 2, 300, 64, 1), (2, 1, 130, 32, 1), (1, 3, 70, 128, 3), (2, 2, 5, 64, 1)],
-    ids=["model-size", "two-slices", "d32-odd-block", "d128-shift3", "shorter-than-a-vector"],
+    [
+        (2, 4, 256, 64, 1),
+        (1, 2, 300, 64, 1),
+        (1, 2, 1100, 32, 2),
+        (2, 1, 130, 32, 1),
+        (1, 3, 70, 128, 3),
+        (2, 2, 5, 64, 1),
+    ],
+    ids=["model-size", "two-slices", "three-forward-slices", "d32-odd-block", "d128-shift3", "shorter-than-a-vector"],
 )
 def test_kernel_matches_plain_masked_softmax_in_float64(batch, heads, length, dim, shift, dtype):
     """The float64 reference sees the same (rounded) numbers. 300 positions make the backward pass take a
-    block's columns in two slices; 130 positions (129 queries) end in a block of one row in both precisions
+    block's columns in two slices, 1,100 the forward pass in three (a running maximum and sum carried
+    from slice to slice); 130 positions (129 queries) end in a block of one row in both precisions
     (blocks of 128 and 64 rows)."""
     problem = make_problem(batch, heads, length, dim, dtype=dtype)
     expected = read_and_grads(plain, *problem, shift, dtype=torch.float64)

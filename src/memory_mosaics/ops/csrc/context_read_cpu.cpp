@@ -33,6 +33,9 @@ using namespace amx_bf16;
 
 // Stored keys are packed, and each query block's admissible columns rounded up, in multiples of this.
 constexpr int64_t COLUMNS = 64;
+// The forward pass takes a block's columns this many at a time, with a running maximum and sum per row (flash
+// attention's online softmax), so that its float32 scores stay in the L2 cache however long the sequence.
+constexpr int64_t FORWARD_SLICE = 512;
 // The backward pass handles a block's columns this many at a time (the persistent read's SLICE: its float32
 // scores and score gradients then stay small beside the dK, dV sums they are multiplied into).
 constexpr int64_t SLICE = 256;
@@ -138,8 +141,8 @@ void forward_sequences(const torch::Tensor& keys, const torch::Tensor& values, i
   scalar_t* op = out.data_ptr<scalar_t>();
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     const int64_t R = block_rows;
-    Scratch<float> scores(0, R * padded), read(1, R * d);
-    Scratch<scalar_t> weights(OPERANDS, R * padded), keys_t(OPERANDS + 1, d * padded);
+    Scratch<float> scores(0, R * FORWARD_SLICE), read(1, R * d), row_max(2, R), row_sum(3, R);
+    Scratch<scalar_t> weights(OPERANDS, R * FORWARD_SLICE), keys_t(OPERANDS + 1, d * padded);
     Scratch<scalar_t> values_rows(OPERANDS + 2, padded * d);
     for (int64_t s = begin; s < end; ++s) {
       const int64_t b = s / H, h = s % H;
@@ -151,31 +154,57 @@ void forward_sequences(const torch::Tensor& keys, const torch::Tensor& values, i
       P::rows(sequence<scalar_t>(values, b, h), L, padded, d, values_rows.data());
       for (int64_t i0 = 0; i0 < L; i0 += R) {
         const int64_t rows = std::min(R, L - i0), width = round_up(i0 + rows, COLUMNS);
-        multiply(rows, width, d, d, padded, width, false, queries + i0 * d, keys_t.data(), scores.data());
-        for (int64_t r = 0; r < rows; ++r) {
-          float* row = scores.data() + r * width;
-          scalar_t* w = weights.data() + r * width;
-          const int64_t valid = admissible(i0, r), vectors = round_up(valid, 2 * Vec::size());
-          std::fill(row + valid, row + vectors, -std::numeric_limits<float>::infinity());
-          Vec vmax(-std::numeric_limits<float>::infinity());
-          for (int64_t j = 0; j < vectors; j += Vec::size()) vmax = at::vec::maximum(vmax, Vec::loadu(row + j));
-          const float row_max = horizontal_max(vmax);
-          for (int64_t j = 0; j < vectors; j += Vec::size()) {
-            P::exp(Vec::loadu(row + j) - Vec(row_max)).store(row + j);
+        std::fill(row_max.data(), row_max.data() + rows, -std::numeric_limits<float>::infinity());
+        std::fill(row_sum.data(), row_sum.data() + rows, 0.f);
+        for (int64_t c0 = 0; c0 < width; c0 += FORWARD_SLICE) {
+          const int64_t slice = std::min(FORWARD_SLICE, width - c0);
+          multiply(rows, slice, d, d, padded, slice, false, queries + i0 * d, keys_t.data() + column<scalar_t>(c0),
+                   scores.data());
+          for (int64_t r = 0; r < rows; ++r) {
+            float* row = scores.data() + r * slice;
+            scalar_t* w = weights.data() + r * slice;
+            const int64_t valid = std::min(admissible(i0, r) - c0, slice);
+            if (valid <= 0) {  // past this row's diagonal: no weight, and its sums stay as they are
+              std::fill(w, w + slice, scalar_t(0.f));
+              continue;
+            }
+            const int64_t vectors = round_up(valid, 2 * Vec::size());
+            std::fill(row + valid, row + vectors, -std::numeric_limits<float>::infinity());
+            Vec vmax(-std::numeric_limits<float>::infinity());
+            for (int64_t j = 0; j < vectors; j += Vec::size()) vmax = at::vec::maximum(vmax, Vec::loadu(row + j));
+            const float new_max = std::max(row_max[r], horizontal_max(vmax));
+            for (int64_t j = 0; j < vectors; j += Vec::size()) {
+              P::exp(Vec::loadu(row + j) - Vec(new_max)).store(row + j);
+            }
+            std::fill(row + valid, row + vectors, 0.f);  // whatever the exponential made of -inf
+            Vec vsum(0.f);
+            for (int64_t j = 0; j < vectors; j += 2 * Vec::size()) {  // sum, and store (rounded) for the product
+              const Vec low = Vec::loadu(row + j), high = Vec::loadu(row + j + Vec::size());
+              vsum = vsum + low + high;
+              P::store(low, high, w + j);
+            }
+            std::fill(w + vectors, w + slice, scalar_t(0.f));
+            const float factor = std::exp(row_max[r] - new_max);  // 0 for the first slice (max -inf)
+            row_sum[r] = row_sum[r] * factor + horizontal_sum(vsum);
+            row_max[r] = new_max;
+            if (c0 > 0 && factor != 1.f) {  // the read so far was weighted against the old maximum
+              float* read_row = read.data() + r * d;
+              for (int64_t e = 0; e < d; e += Vec::size()) {
+                (Vec::loadu(read_row + e) * Vec(factor)).store(read_row + e);
+              }
+            }
           }
-          std::fill(row + valid, row + vectors, 0.f);  // whatever the exponential made of -inf
-          Vec vsum(0.f);
-          for (int64_t j = 0; j < vectors; j += Vec::size()) vsum = vsum + Vec::loadu(row + j);
-          const float total = horizontal_sum(vsum);
-          const Vec inverse(1.f / total);
-          for (int64_t j = 0; j < vectors; j += 2 * Vec::size()) {  // normalise (and round) in one pass
-            P::store(Vec::loadu(row + j) * inverse, Vec::loadu(row + j + Vec::size()) * inverse, w + j);
-          }
-          std::fill(w + vectors, w + width, scalar_t(0.f));
-          lh[i0 + r] = row_max + std::log(total);
+          multiply(rows, d, slice, slice, d, d, c0 > 0, weights.data(), values_rows.data() + c0 * d, read.data());
         }
-        multiply(rows, d, width, width, d, d, false, weights.data(), values_rows.data(), read.data());
-        for (int64_t r = 0; r < rows; ++r) at::vec::convert(read.data() + r * d, oh + (shift + i0 + r) * C, d);
+        for (int64_t r = 0; r < rows; ++r) {  // normalise by the row's sum
+          const Vec inverse(1.f / row_sum[r]);
+          const float* read_row = read.data() + r * d;
+          scalar_t* out_row = oh + (shift + i0 + r) * C;
+          for (int64_t e = 0; e < d; e += 2 * Vec::size()) {
+            P::store(Vec::loadu(read_row + e) * inverse, Vec::loadu(read_row + e + Vec::size()) * inverse, out_row + e);
+          }
+          lh[i0 + r] = row_max[r] + std::log(row_sum[r]);
+        }
       }
     }
     cpublas::brgemm_release(P::vnni);
