@@ -32,6 +32,7 @@ from memory_mosaics.ops import (
     context_read_cpu,
     context_retrieval,
     features_cpu,
+    gelu_cpu,
     leaky_average_reference,
     persistent_read_cpu,
     retrieval,
@@ -228,6 +229,7 @@ def components(length: int, dtype: str, rounds: int) -> dict:
     ahead = lambda t: F.pad(t[:, 1:], (0, 0, 0, 1))  # noqa: E731
     tables = torch.randn(2, 1, heads, 896, channels // heads) / 8
     queries = F.normalize(torch.randn(heads, batch, length, channels // heads), dim=-1).transpose(0, 1) * 2
+    activations = torch.randn(batch, length, 4 * channels)
     pieces = {
         "leaky average (autograd)": (lambda x: leaky_average_autograd(split(x), decay), wide),
         "leaky average (now)": (lambda x: leaky_average_now(split(x), decay), wide),
@@ -249,6 +251,15 @@ def components(length: int, dtype: str, rounds: int) -> dict:
         "persistent read (autograd)": (lambda q: persistent_retrieval_materialised(q, *tables), queries),
         "persistent read (blocked products)": (lambda q: persistent_retrieval_blocked(q, *tables), queries),
         "persistent read (now)": (lambda q: persistent_retrieval(q, *tables), queries),
+        # keys as queries: (B, H, T, d), head-major as the features kernels write them; values derived from them
+        "context read (fused attention)": (
+            lambda k: memory_layers.merge_heads(context_retrieval(k, k.flip(-1), 1)),
+            queries,
+        ),
+        "context read (compiled kernel)": (lambda k: context_read_cpu.context_read_cpu(k, k.flip(-1), 1), queries),
+        "tanh GELU (PyTorch)": (lambda x: F.gelu(x, approximate="tanh"), activations),
+        "tanh GELU (compiled kernel)": (gelu_cpu.gelu_tanh, activations),
+        "exact GELU (PyTorch; nanoGPT's)": (F.gelu, activations),
         "GPT attention": (CausalSelfAttention(config), wide[..., :channels]),
         "ContextMemory": (ContextMemory(channels, heads, 4), wide[..., :channels]),
         "GPT MLP": (MLP(config), wide[..., :channels]),
