@@ -24,7 +24,6 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
-#include <cstring>
 #include <limits>
 
 namespace {
