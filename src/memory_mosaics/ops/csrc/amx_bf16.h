@@ -178,6 +178,28 @@ class Scratch {
   T* data_;
 };
 
+// What the backward pass of a read needs per block of query rows, besides the scores: each row's <dO, O>
+// (= rowsum(W * dW), W the softmax weights) into row_dot, and dO and q transposed, (d x R) with row stride
+// R, for the dV and dK products — with a zero row after an odd last one, as those products' inner size
+// must be even. Row r of dO, O, q starts at grad + r * grad_stride, out + r * out_stride, q + r * q_stride.
+template <typename T>
+void backward_block_rows(int64_t rows, int64_t d, int64_t R, const T* grad, const T* out, int64_t grad_stride,
+                         int64_t out_stride, const T* q, int64_t q_stride, float* row_dot, T* grad_t, T* q_t) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float dot = 0.f;
+    const T *g_row = grad + r * grad_stride, *o_row = out + r * out_stride, *q_row = q + r * q_stride;
+    for (int64_t e = 0; e < d; ++e) {
+      dot += float(g_row[e]) * float(o_row[e]);
+      grad_t[e * R + r] = g_row[e];
+      q_t[e * R + r] = q_row[e];
+    }
+    row_dot[r] = dot;
+  }
+  if (rows % 2 == 1) {
+    for (int64_t e = 0; e < d; ++e) grad_t[e * R + rows] = q_t[e * R + rows] = T(0.f);
+  }
+}
+
 inline bool supported() { return cpublas::could_pack(at::kBFloat16); }
 
 }  // namespace amx_bf16

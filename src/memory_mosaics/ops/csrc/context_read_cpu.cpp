@@ -226,7 +226,8 @@ void backward_sequences(const torch::Tensor& keys, const torch::Tensor& values, 
     // dS row-major (the dQ product's left factor), and W and dS as the dV and dK products' right factors
     // (for float32 dS serves as both).
     Scratch<scalar_t> grad_scores_rows(OPERANDS, R * SLICE), weights_right(OPERANDS + 1, R * SLICE);
-    Scratch<scalar_t> grad_scores_packed(OPERANDS + 2, R * SLICE), grad_t(OPERANDS + 3, d * R), q_t(OPERANDS + 4, d * R);
+    Scratch<scalar_t> grad_scores_packed(OPERANDS + 2, R * SLICE);
+    Scratch<scalar_t> grad_t(OPERANDS + 3, d * R), q_t(OPERANDS + 4, d * R);  // dO and q transposed, by block
     Scratch<scalar_t> keys_t(OPERANDS + 5, d * padded), values_t(OPERANDS + 6, d * padded);
     Scratch<scalar_t> keys_rows(OPERANDS + 7, padded * d);
     const scalar_t* grad_scores_right = P::vnni ? grad_scores_packed.data() : grad_scores_rows.data();
@@ -244,20 +245,8 @@ void backward_sequences(const torch::Tensor& keys, const torch::Tensor& values, 
         const int64_t rows = std::min(R, L - i0), width = round_up(i0 + rows, COLUMNS);
         const int64_t even_rows = rows + (rows & 1);  // the inner size of the dK, dV products must be even
         const scalar_t *g_block = gh + (shift + i0) * C, *q_block = queries + i0 * d;
-        for (int64_t r = 0; r < rows; ++r) {
-          // rowsum(W * dW) = <dO, O> for this row; dO and q transposed for the dV and dK products
-          float dot = 0.f;
-          const scalar_t *g_row = g_block + r * C, *o_row = oh + (shift + i0 + r) * C, *q_row = q_block + r * d;
-          for (int64_t e = 0; e < d; ++e) {
-            dot += float(g_row[e]) * float(o_row[e]);
-            grad_t[e * R + r] = g_row[e];
-            q_t[e * R + r] = q_row[e];
-          }
-          row_dot[r] = dot;
-        }
-        if (even_rows != rows) {  // a zero row pairs with the last one
-          for (int64_t e = 0; e < d; ++e) grad_t[e * R + rows] = q_t[e * R + rows] = scalar_t(0.f);
-        }
+        backward_block_rows(rows, d, R, g_block, oh + (shift + i0) * C, C, C, q_block, d, row_dot.data(), grad_t.data(),
+                            q_t.data());
         for (int64_t c0 = 0; c0 < width; c0 += SLICE) {
           const int64_t slice = std::min(SLICE, width - c0);
           multiply(rows, slice, d, d, padded, slice, false, q_block, keys_t.data() + column<scalar_t>(c0),

@@ -186,20 +186,8 @@ std::vector<torch::Tensor> backward(torch::Tensor q, torch::Tensor k, torch::Ten
       for (int64_t m = 0; m < N; m += R) {
         const int64_t rows = std::min(R, N - m);
         const int64_t even_rows = rows + (rows & 1);  // the inner size of the dK, dV products must be even
-        for (int64_t r = 0; r < rows; ++r) {
-          // rowsum(W * dW) = <dO, O> for this row; dO and q transposed for the dV and dK products
-          float dot = 0.f;
-          const BFloat16 *g_row = gh + (m + r) * d, *o_row = oh + (m + r) * d, *q_row = qh + (m + r) * d;
-          for (int64_t e = 0; e < d; ++e) {
-            dot += float(g_row[e]) * float(o_row[e]);
-            grad_t[e * R + r] = g_row[e];
-            q_t[e * R + r] = q_row[e];
-          }
-          row_dot[r] = dot;
-        }
-        if (even_rows != rows) {  // a zero row pairs with the last one
-          for (int64_t e = 0; e < d; ++e) grad_t[e * R + rows] = q_t[e * R + rows] = BFloat16(0.f);
-        }
+        backward_block_rows(rows, d, R, gh + m * d, oh + m * d, d, d, qh + m * d, d, row_dot.data(), grad_t.data(),
+                            q_t.data());
         // Column slices of SLICE slots, so that the float32 scores and their gradients stay small beside
         // the dK, dV sums they are multiplied into.
         const Vec scaled(head_scale);
