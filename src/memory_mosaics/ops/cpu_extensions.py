@@ -34,13 +34,18 @@ def cpu_flags() -> set[str]:
     return set()
 
 
-def headers_flag() -> str:
-    """A define naming the shared headers' contents: torch's builder rebuilds a kernel when its source or
-    its flags change, not when a header it includes does, so the headers ride in the flags."""
+def headers_flags(source: str) -> list[str]:
+    """For a source that includes csrc/ headers, a define naming their contents: torch's builder rebuilds
+    a kernel when its source or its flags change, not when a header it includes does, so the headers ride
+    in the flags (and a kernel without them is not rebuilt when they change)."""
+    text = (SOURCES / source).read_text()
+    headers = sorted(header for header in SOURCES.glob("*.h") if f'#include "{header.name}"' in text)
+    if not headers:
+        return []
     digest = hashlib.sha256()
-    for header in sorted(SOURCES.glob("*.h")):
+    for header in headers:
         digest.update(header.read_bytes())
-    return f"-DMOSAIC_HEADERS_{digest.hexdigest()[:16]}"
+    return [f"-DMOSAIC_HEADERS_{digest.hexdigest()[:16]}"]
 
 
 def _built_before(name: str) -> bool:
@@ -77,7 +82,7 @@ def load(name: str, source: str, flags: list[str], what: str, build_seconds: int
         if not _built_before(name):
             logger.warning("memory_mosaics: building the CPU kernel for %s (once; about %d s)", what, build_seconds)
         return build_and_import(
-            name=name, sources=[str(SOURCES / source)], extra_cflags=[*flags, headers_flag()], verbose=False
+            name=name, sources=[str(SOURCES / source)], extra_cflags=[*flags, *headers_flags(source)], verbose=False
         )
     except Exception as error:  # no compiler, no ninja, unwritable cache: the caller keeps its plain path
         logger.info("CPU kernel for %s off: the build failed (%s)", what, str(error).splitlines()[0][:200])
