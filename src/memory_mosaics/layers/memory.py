@@ -12,9 +12,10 @@ A `ContextMemory` stores the pairs of the current sequence and queries them with
 `PersistentMemory` stores pairs learned in training and replaces the transformer's feed-forward layer.
 
 On CPUs (float32, bf16) the fast path computes each feature in one compiled pass (`ops/features_cpu.py`);
-elsewhere, or if it cannot be built, it chains the leaky average, the mix and `scaled_normalize`. In bf16
-on CPUs with AMX both reads are compiled kernels too (`ops/context_read_cpu.py`, `ops/persistent_read_cpu.py`);
-elsewhere they go through `scaled_dot_product_attention`.
+elsewhere, or if it cannot be built, it chains the leaky average, the mix and `scaled_normalize`. On CPUs
+with AMX the reads are compiled kernels too (the context read in float32 and bf16, `ops/context_read_cpu.py`;
+the persistent read in bf16, `ops/persistent_read_cpu.py`); elsewhere, and with dropout on the retrieval
+weights, they go through `scaled_dot_product_attention`.
 
 Parametrisations, initialisations and clamps follow the authors' code (reference spec §1–§3):
     leak      beta_h = 10 |theta_h|,              theta_0 = linspace(0.5, 5, H) / 10
@@ -238,7 +239,8 @@ class ContextMemory(nn.Module):
         keys = key(x, projected=key_part)
         values = value(x, projected=value_part)
         if context_read_cpu.usable(keys, shift, dropout=self.training and self.dropout > 0):
-            # bf16 on CPUs with AMX: the compiled kernel writes the read in c_proj's layout, rows t < m zero
+            # float32 or bf16 on CPUs with AMX: the compiled kernel writes the read in c_proj's layout, rows
+            # t < m zero
             return self.c_proj(context_read_cpu.context_read_cpu(keys, values, shift))
         retrieved = context_read(keys, leading_rows(values, length - shift), shift, self.dropout, self.training)
         out = F.linear(merge_heads(retrieved), self.c_proj.weight)

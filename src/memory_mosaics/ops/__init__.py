@@ -1,4 +1,5 @@
-"""Pure tensor functions: the leaky average and memory retrieval, each fast form beside its plain twin."""
+"""Pure tensor functions: the leaky average, memory retrieval and the GPT's GELU, each fast form beside its
+plain twin."""
 
 from memory_mosaics.ops.gelu_cpu import gelu_tanh
 from memory_mosaics.ops.leaky_average import (
