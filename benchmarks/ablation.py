@@ -291,7 +291,11 @@ def main() -> int:
     parser.add_argument("--dtypes", default="bfloat16,float32")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0)
-    parser.add_argument("--variants", default=",".join(name for name in VARIANTS if name not in FALLBACK_ONLY))
+    parser.add_argument(
+        "--variants",
+        default=",".join(name for name in VARIANTS if name not in FALLBACK_ONLY),
+        help="comma-separated (default: all but " + " and ".join(repr(name) for name in FALLBACK_ONLY) + ")",
+    )
     parser.add_argument("--components", action="store_true", help="time single pieces and layers instead")
     parser.add_argument("--json", default=None, help="default results/ablation.json (or components.json)")
     args = parser.parse_args()
