@@ -42,9 +42,11 @@ NAME = "memory_mosaics_context_read_cpu"
 @lru_cache(maxsize=1)
 def kernel():
     """The compiled module, or None where it cannot be built or run here (the reason is logged)."""
-    if persistent_read_cpu.kernel() is None:  # the same CPU requirements; the reason is logged there
+    missing = cpu_extensions.avx512_bf16_missing()
+    if missing:
+        logger.info("context-read CPU kernel off: %s", missing)
         return None
-    flags = persistent_read_cpu.COMPILE_FLAGS
+    flags = persistent_read_cpu.COMPILE_FLAGS  # the same AVX-512 code (nothing of that kernel is built here)
     module = cpu_extensions.load(NAME, "context_read_cpu.cpp", flags, "the context read", 40)
     if module is not None and not module.supported():
         logger.info("context-read CPU kernel off: this CPU has no packed bf16 micro-kernels (AMX)")

@@ -15,6 +15,8 @@ import os
 import shutil
 from pathlib import Path
 
+import torch
+
 logger = logging.getLogger(__name__)
 SOURCES = Path(__file__).resolve().parent / "csrc"
 
@@ -32,6 +34,16 @@ def cpu_flags() -> set[str]:
     except OSError:
         pass
     return set()
+
+
+def avx512_bf16_missing() -> str | None:
+    """Why the bf16 read kernels cannot run on this CPU, checked before building them; None if they may (they
+    round to bf16 with an AVX512-BF16 instruction, so without it they must not run at all). Whether the CPU
+    also has AMX, the kernels' `supported()` says once built."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability != "AVX512" or "avx512_bf16" not in cpu_flags():
+        return f"needs AVX-512 with BF16 (torch's CPU capability: {capability})"
+    return None
 
 
 def headers_flags(source: str) -> list[str]:

@@ -40,10 +40,9 @@ NAME = "memory_mosaics_persistent_read_cpu"  # the extension's module name and b
 @lru_cache(maxsize=1)
 def kernel():
     """The compiled module, or None where it cannot be built or run here (the reason is logged)."""
-    capability = torch.backends.cpu.get_cpu_capability()
-    if capability != "AVX512" or "avx512_bf16" not in cpu_extensions.cpu_flags():
-        # (The kernel rounds to bf16 with an AVX512-BF16 instruction: without it, it must not run at all.)
-        logger.info("persistent-read CPU kernel off: needs AVX-512 with BF16 (torch's CPU capability: %s)", capability)
+    missing = cpu_extensions.avx512_bf16_missing()
+    if missing:
+        logger.info("persistent-read CPU kernel off: %s", missing)
         return None
     module = cpu_extensions.load(NAME, "persistent_read_cpu.cpp", COMPILE_FLAGS, "the persistent read", 40)
     if module is not None and not module.supported():

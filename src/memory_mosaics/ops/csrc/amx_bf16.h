@@ -113,7 +113,12 @@ void pack_rows_transposed(const T* in, int64_t rows, int64_t columns, int64_t d,
 // [+ C when accumulate].
 inline void multiply(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t ldc, bool accumulate,
                      const BFloat16* A, const BFloat16* packed, float* C) {
-  cpublas::brgemm(M, N, K, lda, ldb, ldc, accumulate, A, packed, C);
+  cpublas::brgemm(M, N, K, lda, ldb, ldc, accumulate, A, packed, C, /*is_vnni=*/true);
+}
+// The same in float32: the right factor B (K x N, row stride ldb) row-major as it is, no packing.
+inline void multiply(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t ldc, bool accumulate,
+                     const float* A, const float* B, float* C) {
+  cpublas::brgemm(M, N, K, lda, ldb, ldc, accumulate, A, B, C, /*is_vnni=*/false);
 }
 
 inline float horizontal_max(Vec v) {
@@ -156,6 +161,13 @@ inline void transpose16(const float* in, int64_t in_stride, float* out, int64_t 
     r[8 + k] = _mm512_shuffle_f32x4(t[k], t[8 + k], 0xDD);
   }
   for (int i = 0; i < 16; ++i) _mm512_storeu_ps(out + i * out_stride, r[i]);
+}
+
+// A (d x columns) float32 matrix (row stride columns, both multiples of 16) as (columns x d) rows.
+inline void transpose_into_rows(const float* in, int64_t d, int64_t columns, float* out) {
+  for (int64_t j0 = 0; j0 < columns; j0 += 16) {
+    for (int64_t e0 = 0; e0 < d; e0 += 16) transpose16(in + e0 * columns + j0, columns, out + j0 * d + e0, d);
+  }
 }
 
 // A thread's scratch buffer, kept from call to call (slot: which of its buffers of type T). Fresh vectors

@@ -115,13 +115,6 @@ struct Precision<float> {
   }
 };
 
-// C (M x N, row stride ldc) = A (M x K) times the right factor B (K x N, row stride ldb) [+ C].
-template <typename scalar_t>
-void multiply(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t ldc, bool accumulate,
-              const scalar_t* A, const scalar_t* B, float* C) {
-  cpublas::brgemm(M, N, K, lda, ldb, ldc, accumulate, A, B, C, Precision<scalar_t>::vnni);
-}
-
 // Where column c of a right factor starts (a VNNI-packed one holds two numbers per column and pair of rows).
 template <typename scalar_t>
 int64_t column(int64_t c) {
@@ -295,18 +288,10 @@ void backward_sequences(const torch::Tensor& keys, const torch::Tensor& values, 
       }
       // dV: rows j < L from dV^T, zero after; dk_t = dK_t (t < L) + dQ_{t - shift} (t >= shift).
       scalar_t *dk = sequence<scalar_t>(grad_keys, b, h), *dv = sequence<scalar_t>(grad_values, b, h);
-      for (int64_t j0 = 0; j0 < padded; j0 += 16) {
-        for (int64_t e0 = 0; e0 < d; e0 += 16) {
-          transpose16(values_sum.data() + e0 * padded + j0, padded, rows_buffer.data() + j0 * d + e0, d);
-        }
-      }
+      transpose_into_rows(values_sum.data(), d, padded, rows_buffer.data());
       at::vec::convert(rows_buffer.data(), dv, L * d);
       std::fill(dv + L * d, dv + T * d, scalar_t(0.f));
-      for (int64_t j0 = 0; j0 < padded; j0 += 16) {
-        for (int64_t e0 = 0; e0 < d; e0 += 16) {
-          transpose16(keys_sum.data() + e0 * padded + j0, padded, rows_buffer.data() + j0 * d + e0, d);
-        }
-      }
+      transpose_into_rows(keys_sum.data(), d, padded, rows_buffer.data());
       for (int64_t t = 0; t < T; ++t) {
         const float* stored = t < L ? rows_buffer.data() + t * d : nullptr;
         const float* queried = t >= shift ? grad_queries.data() + (t - shift) * d : nullptr;
