@@ -47,6 +47,30 @@ def test_kernel_matches_the_tanh_form_in_float64_and_is_as_accurate_as_pytorchs(
 
 
 @needs_kernel
+def test_native_bf16_rounding_matches_the_software_rounding_but_for_subnormal_results():
+    """Where the kernel rounds bf16 results with AVX512-BF16, it must round as the software path does
+    (nearest even, NaN kept) but for results below bf16's normal range, which the instruction makes zero."""
+    kernel = gelu_cpu.kernel()
+    if not kernel.native_rounding():
+        pytest.skip("this CPU rounds in software only")
+    generator = torch.Generator().manual_seed(1)
+    x = (torch.randn(4099, generator=generator) * 3).to(torch.bfloat16)
+    x[:5] = torch.tensor([float("nan"), 1e-38, -1e-38, 3e-39, -1e-20]).to(torch.bfloat16)
+    grad = torch.randn(4099, generator=generator).to(torch.bfloat16)
+    grad[1:4] = 1e-38  # gradients of about half of it: subnormal too
+    for native, software in [
+        (kernel.forward(x), kernel.forward(x, software_rounding=True)),
+        (kernel.backward(x, grad), kernel.backward(x, grad, software_rounding=True)),
+    ]:
+        assert native[0].isnan() and software[0].isnan()
+        native, software = native[1:], software[1:]
+        subnormal = software.float().abs() < torch.finfo(torch.float32).tiny
+        assert subnormal[:3].all() and not subnormal.all()
+        assert torch.equal(native[~subnormal], software[~subnormal])
+        assert (native[subnormal] == 0).all()
+
+
+@needs_kernel
 def test_the_gpt_mlp_uses_the_kernel_and_matches_pytorchs_gelu(monkeypatch):
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=64, block_size=32, n_layer=2, n_head=2, n_embd=64, dropout=0.0))

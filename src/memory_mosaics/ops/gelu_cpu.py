@@ -1,7 +1,8 @@
 """The GPT baseline's tanh-approximate GELU as a compiled CPU kernel (float32, bf16), with a plain fallback.
 
 `csrc/gelu_cpu.cpp` computes x (1 + tanh(u)) / 2 in its sigmoid form x sigmoid(2u) — one exponential
-and one division per element, in float32 — and its derivative, one pass each way. PyTorch's own kernel
+and one division per element, in float32 (a bf16 forward pass: a cheaper exponential and reciprocal, and
+AVX512-BF16's rounding where the CPU has it) — and its derivative, one pass each way. PyTorch's own kernel
 for the tanh form took 3-4x the time of its exact GELU in bf16 (docs/performance.md), which made the
 project's GPT slower than the plain nanoGPT the throughput benchmark holds it against, for a form the
 authors' baseline prescribes (reference spec §5, `new_gelu`).
@@ -27,6 +28,8 @@ NAME = "memory_mosaics_gelu_cpu"
 # ATen's vector types in their AVX-512 form (without the CPU_CAPABILITY macros they are scalar loops).
 COMPILE_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"]
 COMPILE_FLAGS += ["-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512"]
+# bf16 results are rounded by one AVX512-BF16 instruction where the CPU has it (in software elsewhere).
+NATIVE_ROUNDING_FLAGS = ["-mavx512bf16"]
 
 
 @lru_cache(maxsize=1)
@@ -36,7 +39,8 @@ def kernel():
     if capability != "AVX512":
         logger.info("GELU CPU kernel off: needs AVX-512 (torch's CPU capability: %s)", capability)
         return None
-    return cpu_extensions.load(NAME, "gelu_cpu.cpp", COMPILE_FLAGS, "the GPT's GELU", 20)
+    flags = COMPILE_FLAGS + ([] if cpu_extensions.avx512_bf16_missing() else NATIVE_ROUNDING_FLAGS)
+    return cpu_extensions.load(NAME, "gelu_cpu.cpp", flags, "the GPT's GELU", 20)
 
 
 def usable(x: Tensor) -> bool:
