@@ -13,6 +13,7 @@ from memory_mosaics.bench.throughput import (
     build_model,
     measure_cell,
     model_flops_per_token,
+    ratio_interval,
     run_throughput,
 )
 from memory_mosaics.cli import main
@@ -61,9 +62,29 @@ def test_run_reports_ratios_mfu_and_renders(tmp_path):
     assert cell["gpt_over_nanogpt"] is None  # nanogpt not measured
     assert all(0 < r["mfu"] < 1 for r in result["rows"])
     assert result["machine"]["matmul_peak_flops"]["float32"] > 0
-    assert "| 8 | float32 |" in markdown_table(result)
+    low, high = cell["intervals"]["mosaic_over_gpt"]
+    assert low <= cell["mosaic_over_gpt"] <= high
+    assert cell["intervals"]["gpt_over_nanogpt"] is None
+    assert f"| 8 | float32 | {by_model['mosaic']['tokens_per_second']:.0f} |" in markdown_table(result)
+    assert f"{ratio:.2f} ({low:.2f}-{high:.2f})" in markdown_table(result)
     plot_throughput(result, tmp_path / "t.png")
     assert (tmp_path / "t.png").stat().st_size > 1000
+
+
+def test_ratio_interval_is_the_spread_of_resampled_median_ratios():
+    # Twice as fast in every round: no spread at all.
+    assert ratio_interval([1.0, 1.2, 0.9], [2.0, 2.4, 1.8]) == (2.0, 2.0)
+    # The same noisy times for both: a ratio of 1 whatever the resample, as the rounds are resampled in pairs.
+    noisy = [1.0, 1.5, 0.8, 1.1, 2.0]
+    assert ratio_interval(noisy, noisy) == (1.0, 1.0)
+    # Unpaired noise: an interval around the ratio of medians (1.0 here), seeded, narrower at lower confidence.
+    numerator, denominator = [1.0, 1.3, 0.9, 1.1, 1.2, 1.0, 0.95], [1.1, 0.9, 1.25, 1.0, 1.05, 1.15, 1.0]
+    low, high = ratio_interval(numerator, denominator)
+    assert low < 1.0 < high and (low, high) == ratio_interval(numerator, denominator)
+    narrow_low, narrow_high = ratio_interval(numerator, denominator, confidence=0.5)
+    assert low <= narrow_low <= narrow_high <= high and (narrow_low, narrow_high) != (low, high)
+    with pytest.raises(ValueError, match="one time per round"):
+        ratio_interval([1.0], [1.0, 2.0])
 
 
 def test_memory_probe_in_process_and_in_a_fresh_process():

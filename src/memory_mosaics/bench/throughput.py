@@ -4,7 +4,8 @@ One step = forward + backward + AdamW update on a random batch (the trainer's Ad
 fused where torch has it, for every model). In each cell (sequence length x dtype) the models are
 measured in interleaved rounds inside one process, the order rotating from round to round, so a
 slowdown of a shared machine hits every model alike; we report each model's median and the ratio of
-medians (absolute tokens/s on a busy machine mean little).
+medians (absolute tokens/s on a busy machine mean little), with a 95 % bootstrap interval over the rounds
+(`ratio_interval`) that says how far the noise alone moves each ratio.
 
 Three models: the project's MemoryMosaic and GPT, and a plain nanoGPT written in this package
 (`nanogpt.py`) that keeps the project's GPT honest. Peak memory is measured per model in a fresh
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import platform
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -167,6 +169,36 @@ def measure_cell(settings: ThroughputSettings, length: int, dtype: str) -> list[
     return rows
 
 
+def ratio_interval(
+    numerator_seconds: list[float], denominator_seconds: list[float], confidence: float = 0.95, resamples: int = 2000
+) -> tuple[float, float]:
+    """A bootstrap confidence interval for the throughput ratio numerator/denominator, i.e. the ratio of
+    median step times denominator/numerator: rounds are resampled with replacement, each round's two times
+    together (they were measured back to back, so a slow spell of the machine hits both), the ratio of the
+    resampled medians taken each time, and the central `confidence` share of those ratios kept. Seeded:
+    the same times give the same interval. It says how far the benchmark's noise alone moves a ratio."""
+    if len(numerator_seconds) != len(denominator_seconds) or not numerator_seconds:
+        raise ValueError("one time per round for both models is needed")
+    rng = random.Random(0)
+    rounds = range(len(numerator_seconds))
+    ratios = []
+    for _ in range(resamples):
+        picked = rng.choices(rounds, k=len(rounds))
+        numerator = statistics.median(numerator_seconds[i] for i in picked)
+        ratios.append(statistics.median(denominator_seconds[i] for i in picked) / numerator)
+    ratios.sort()
+    tail = (1 - confidence) / 2
+    return ratios[int(tail * (resamples - 1))], ratios[round((1 - tail) * (resamples - 1))]
+
+
+def _interval(rows: list[dict], numerator: str, denominator: str) -> list[float] | None:
+    by_model = {r["model"]: r for r in rows}
+    if numerator not in by_model or denominator not in by_model:
+        return None
+    times = [by_model[name]["all_seconds_per_step"] for name in (numerator, denominator)]
+    return list(ratio_interval(*times))
+
+
 def _ratio(rows: list[dict], key: str, numerator: str, denominator: str) -> float | None:
     by_model = {r["model"]: r for r in rows}
     if numerator not in by_model or denominator not in by_model or by_model[denominator].get(key) is None:
@@ -201,6 +233,11 @@ def run_throughput(settings: ThroughputSettings, progress: Callable[[str], None]
                     "gpt_over_nanogpt": _ratio(cell, "tokens_per_second", "gpt", "nanogpt"),
                     "mosaic_over_nanogpt": _ratio(cell, "tokens_per_second", "mosaic", "nanogpt"),
                     "memory_mosaic_over_gpt": _ratio(cell, "step_peak_bytes", "mosaic", "gpt"),
+                    # 95 % bootstrap intervals of the three throughput ratios (`ratio_interval`)
+                    "intervals": {
+                        f"{a}_over_{b}": _interval(cell, a, b)
+                        for a, b in (("mosaic", "gpt"), ("gpt", "nanogpt"), ("mosaic", "nanogpt"))
+                    },
                 }
             )
             say(", ".join(f"{r['model']} {r['tokens_per_second']:.0f} tok/s" for r in cell) + f" (T={length}, {dtype})")
