@@ -88,6 +88,8 @@ def plot_throughput(result: dict, path: str | Path) -> None:
             ]
         )
         right.bar(xs, values, bar, yerr=errors, capsize=2 if errors else 0, label=label)
+    if any(intervals for _, _, intervals in series):
+        right.set_ylabel("ratio (error bars: 95 % interval)")
     right.axhline(0.9, color="k", linestyle="--", linewidth=1, label="throughput target 0.9")
     right.axhline(1.2, color="grey", linestyle=":", linewidth=1, label="memory target 1.2 (T=4096)")
     right.set_xticks(range(len(cells)), labels)
