@@ -63,7 +63,7 @@ constexpr bool NATIVE_ROUNDING = false;
 __m256i narrow_natively(const Vec& v) { return narrow_in_software(v); }
 #endif
 
-template <bool software_rounding>
+template <bool software_rounding>  // float32 results are stored as they are: nothing to round
 void store(const Vec& a, const Vec& b, float* out) {
   a.store(out);
   b.store(out + Vec::size());
