@@ -22,8 +22,9 @@ def register(subparsers) -> None:
         help="training throughput and memory: Memory Mosaic vs GPT vs nanoGPT",
         description=(
             "Measure forward+backward+AdamW tokens/s of MemoryMosaic, the project's GPT and a plain "
-            "nanoGPT at equal size, interleaved in one process (median of --rounds), peak memory per "
-            "model in a fresh process, and MFU against the matrix-product peak measured in the same run."
+            "nanoGPT at equal size, interleaved in one process (median of --rounds; each ratio with a 95% "
+            "bootstrap interval over the rounds), peak memory per model in a fresh process, and MFU "
+            "against the matrix-product peak measured in the same run."
         ),
     )
     parser.add_argument("--json", metavar="F", help="write the full result as JSON to F")
