@@ -1,7 +1,7 @@
 """The GPT baseline's tanh-approximate GELU as a compiled CPU kernel (float32, bf16), with a plain fallback.
 
 `csrc/gelu_cpu.cpp` computes x (1 + tanh(u)) / 2 in its sigmoid form x sigmoid(2u) — one exponential
-and one division per element, in float32 (a bf16 forward pass: a cheaper exponential and reciprocal, and
+and one division per element, in float32 (with bf16 storage a cheaper exponential and reciprocal, and
 AVX512-BF16's rounding where the CPU has it) — and its derivative, one pass each way. PyTorch's own kernel
 for the tanh form took 3-4x the time of its exact GELU in bf16 (docs/performance.md), which made the
 project's GPT slower than the plain nanoGPT the throughput benchmark holds it against, for a form the

@@ -10,9 +10,9 @@
 // Why a kernel: PyTorch's CPU kernel for this form evaluates tanh with a 1-ulp polynomial and, in bf16,
 // takes 3-4x the time of its exact (erf) GELU, which the plain nanoGPT of the benchmark uses; the
 // sigmoid form needs one exponential (PyTorch's exp_u20, as its softmax and attention use) and one
-// division per element, computed in float32 whatever the storage type. A bf16 forward pass, whose result
-// keeps 8 bits, takes a cheaper exponential and reciprocal and rounds with AVX512-BF16 where the CPU has it:
-// with those it takes ~0.9x the time of PyTorch's exact GELU (float32 gate, rounding in software: ~1.3x).
+// division per element, computed in float32 whatever the storage type. With bf16 storage, whose results
+// keep 8 bits, both passes take a cheaper exponential and reciprocal and round with AVX512-BF16 where the
+// CPU has it: forward + backward then take ~0.84x the time of PyTorch's exact GELU (benchmarks/gelu_speed.py).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
@@ -20,6 +20,7 @@
 #include <immintrin.h>
 
 #include <cmath>
+#include <limits>
 
 namespace {
 
@@ -82,26 +83,41 @@ Vec gate(const Vec& x, Vec& square) {
   square = x * x;
   return Vec(1.f) / (Vec(1.f) + (-two_u(x, square)).exp_u20());
 }
-// The gate of a forward pass that stores bf16, which keeps 8 bits of the result: PyTorch's degree-3
-// exponential (fexp_u20, as the bf16 context read uses) and a 14-bit reciprocal. 1.9 % of the outputs
-// land one bf16 step from the correctly rounded value (the float32 gate: 1.2 %, PyTorch's bf16 tanh GELU:
-// 6.6 %, over 2^20 N(0, 9) inputs) and the forward takes ~0.8x the float32 gate's time.
-Vec gate_for_bf16(const Vec& x) {
-  const Vec square = x * x;
-  return Vec(_mm512_rcp14_ps(Vec(1.f) + (-two_u(x, square)).fexp_u20()));
+// The gate of a pass that stores bf16, which keeps 8 bits of its results: PyTorch's degree-3 exponential
+// (fexp_u20, as the bf16 context read uses) and a 14-bit reciprocal. 1.9 % of the forward's outputs land
+// one bf16 step from the correctly rounded value (the float32 gate: 1.2 %, PyTorch's bf16 tanh GELU:
+// 6.6 %, over 2^20 N(0, 9) inputs) and the forward takes ~0.8x the float32 gate's time. Also returns
+// e = exp(-2u), with which 1 - s = e s needs no subtraction (1 - s from an approximate s would lose all
+// its digits where s is close to 1).
+Vec gate_for_bf16(const Vec& x, Vec& square, Vec& e) {
+  square = x * x;
+  e = (-two_u(x, square)).fexp_u20();
+  return Vec(_mm512_rcp14_ps(Vec(1.f) + e));
 }
 Vec forward_gate(const Vec& x, const float*) {
   Vec square;
   return gate(x, square);
 }
-Vec forward_gate(const Vec& x, const BFloat16*) { return gate_for_bf16(x); }
+Vec forward_gate(const Vec& x, const BFloat16*) {
+  Vec square, e;
+  return gate_for_bf16(x, square, e);
+}
 float gate(float x) { return 1.f / (1.f + std::exp(-TWO_SQRT_2_OVER_PI * x * (1.f + CUBIC * x * x))); }
 
-Vec derivative(const Vec& x) {
+Vec derivative(const Vec& x, const float*) {
   Vec square;
   const Vec s = gate(x, square);
   const Vec du = Vec(TWO_SQRT_2_OVER_PI) * (Vec(1.f) + Vec(3.f * CUBIC) * square);  // 2 du/dx
   return s + x * s * (Vec(1.f) - s) * du;
+}
+// For bf16 gradients the cheaper gate, with 1 - s = e s. Where the exponential overflows (x below about
+// -10.3) e is taken as the largest float, so that e s is 0 (s is 0 there) rather than inf times 0.
+Vec derivative(const Vec& x, const BFloat16*) {
+  Vec square, e;
+  const Vec s = gate_for_bf16(x, square, e);
+  const Vec du = Vec(TWO_SQRT_2_OVER_PI) * (Vec(1.f) + Vec(3.f * CUBIC) * square);
+  const Vec one_minus_s = s * Vec(_mm512_min_ps(e, Vec(std::numeric_limits<float>::max())));
+  return s + x * s * one_minus_s * du;
 }
 float derivative(float x) {
   const float s = gate(x);
@@ -127,7 +143,7 @@ void backward_range(const scalar_t* x, const scalar_t* grad, scalar_t* out, int6
     Vec a, b, ga, gb;
     load(x + i, a, b);
     load(grad + i, ga, gb);
-    store<software_rounding>(ga * derivative(a), gb * derivative(b), out + i);
+    store<software_rounding>(ga * derivative(a, x), gb * derivative(b, x), out + i);
   }
   for (; i < end; ++i) out[i] = scalar_t(float(grad[i]) * derivative(float(x[i])));
 }
