@@ -53,6 +53,25 @@ def test_cell_measures_every_model_interleaved():
         assert row["tokens_per_second"] == pytest.approx(16 / row["seconds_per_step"])
 
 
+def test_each_timed_step_follows_a_step_of_the_same_model(monkeypatch):
+    import memory_mosaics.bench.throughput as throughput
+
+    calls = []
+    real = throughput.training_step
+
+    def recording(model, settings, length, dtype):
+        step = real(model, settings, length, dtype)
+        return lambda: calls.append(type(model).__name__) or step()
+
+    monkeypatch.setattr(throughput, "training_step", recording)
+    rows = measure_cell(ThroughputSettings(**TINY, lengths=(8,), models=("mosaic", "gpt")), 8, "float32")
+    assert [len(r["all_seconds_per_step"]) for r in rows] == [2, 2]
+    # one warm-up step each, then per round and model an untimed step and a timed one of that same model
+    assert calls[:2] == ["MemoryMosaic", "GPT"] and len(calls) == 2 + 2 * 2 * 2
+    pairs = [calls[i : i + 2] for i in range(2, len(calls), 2)]
+    assert all(first == second for first, second in pairs) and {p[0] for p in pairs} == {"MemoryMosaic", "GPT"}
+
+
 def test_run_reports_ratios_mfu_and_renders(tmp_path):
     result = run_throughput(ThroughputSettings(**TINY, lengths=(8,), dtypes=("float32",), models=("mosaic", "gpt")))
     (cell,) = result["cells"]

@@ -3,7 +3,8 @@
 One step = forward + backward + AdamW update on a random batch (the trainer's AdamW, `train.optim`,
 fused where torch has it, for every model). In each cell (sequence length x dtype) the models are
 measured in interleaved rounds inside one process, the order rotating from round to round, so a
-slowdown of a shared machine hits every model alike; we report each model's median and the ratio of
+slowdown of a shared machine hits every model alike, each timed step right after an untimed one of the
+same model (`settle_steps`: what ran just before moves a step's time); we report each model's median and the ratio of
 medians (absolute tokens/s on a busy machine mean little), with a 95 % bootstrap interval over the rounds
 (`ratio_interval`) that says how far the noise alone moves each ratio.
 
@@ -46,6 +47,10 @@ class ThroughputSettings:
     rounds: int = 5  # interleaved measurement rounds per cell
     steps_per_round: int = 1
     warmup_steps: int = 1
+    # Untimed steps of the same model right before each timed one: a timed step then follows a step of its own
+    # model, as in training. Without them a step that followed a Memory Mosaic step ran ~4 % slower
+    # (T = 1,024 bf16, 8 trials), and the rotation puts the GPT after the Memory Mosaic in 2 rounds of 3.
+    settle_steps: int = 1
     device: str = "cpu"
     threads: int = 0  # 0: leave torch's setting alone
     seed: int = 0
@@ -146,6 +151,8 @@ def measure_cell(settings: ThroughputSettings, length: int, dtype: str) -> list[
     for round_index in range(settings.rounds):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
+            for _ in range(settings.settle_steps):
+                steps[name]()
             start = time.perf_counter()
             for _ in range(settings.steps_per_round):
                 steps[name]()

@@ -39,6 +39,11 @@ def register(subparsers) -> None:
     parser.add_argument("--rounds", type=int, help="interleaved rounds per cell (default 5)")
     parser.add_argument("--steps-per-round", type=int, help="steps timed per model and round (default 1)")
     parser.add_argument("--warmup-steps", type=int, help="untimed steps per model before a cell (default 1)")
+    parser.add_argument(
+        "--settle-steps",
+        type=int,
+        help="untimed steps of a model right before each of its timed steps, so that it follows itself (default 1)",
+    )
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
@@ -77,6 +82,10 @@ def settings_from_args(args: argparse.Namespace):
         unknown = set(settings.models) - set(MODELS)
         if unknown:
             raise ConfigError(f"--models: unknown {', '.join(sorted(unknown))}; known: {', '.join(MODELS)}")
+    if args.settle_steps is not None:
+        if args.settle_steps < 0:
+            raise ConfigError(f"--settle-steps must be >= 0, got {args.settle_steps}")
+        settings.settle_steps = args.settle_steps
     for name in ("batch_size", "rounds", "steps_per_round", "warmup_steps", "threads"):
         value = getattr(args, name)
         if value is not None:

@@ -94,6 +94,7 @@ Vec gate_for_bf16(const Vec& x, Vec& square, Vec& e) {
   e = (-two_u(x, square)).fexp_u20();
   return Vec(_mm512_rcp14_ps(Vec(1.f) + e));
 }
+// forward_gate and derivative take the storage's pointer type as a tag: it picks the gate.
 Vec forward_gate(const Vec& x, const float*) {
   Vec square;
   return gate(x, square);
@@ -111,7 +112,7 @@ Vec derivative(const Vec& x, const float*) {
   return s + x * s * (Vec(1.f) - s) * du;
 }
 // For bf16 gradients the cheaper gate, with 1 - s = e s. Where the exponential overflows (x below about
-// -10.3) e is taken as the largest float, so that e s is 0 (s is 0 there) rather than inf times 0.
+// -10) e is taken as the largest float, so that e s is 0 (s is 0 there) rather than inf times 0.
 Vec derivative(const Vec& x, const BFloat16*) {
   Vec square, e;
   const Vec s = gate_for_bf16(x, square, e);
