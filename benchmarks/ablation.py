@@ -4,7 +4,8 @@ The current model ("all") is timed against variants that each put back the previ
 of one piece (written out below, as they were before the performance work), and against the project's
 GPT: forward + backward + AdamW, n_layer 4, n_embd 256, n_head 4, vocab 4096, batch 8, as in
 `mosaic bench`. Each variant's step runs right after a step of the full model and we keep the ratio
-of the pair (median over --rounds). Variants patch module globals only while their own step runs.
+of the pair (median over --rounds); every timed step comes after --settle-steps untimed ones of its own
+model, as in `mosaic bench`. Variants patch module globals only while their own step runs.
 
     python benchmarks/ablation.py --lengths 256 --dtypes bfloat16,float32   # -> results/ablation.json
 """
@@ -25,9 +26,8 @@ import torch.nn.functional as F
 
 import memory_mosaics.layers.memory as memory_layers
 import memory_mosaics.models.memory_mosaic as mosaic_model
+from _arguments import add_cell_options, add_settle_option, cell_options, writable
 from memory_mosaics.bench.throughput import ThroughputSettings, build_model, training_step
-from memory_mosaics.commands._common import check_writable
-from memory_mosaics.errors import MosaicError
 from memory_mosaics.ops import (
     context_read_cpu,
     context_retrieval,
@@ -170,10 +170,12 @@ def patched(patches):
         yield
 
 
-def measure(length: int, dtype: str, rounds: int, variants: list[str]) -> dict:
+def measure(length: int, dtype: str, rounds: int, variants: list[str], settle_steps: int = 1) -> dict:
     """Paired design: in every round each variant (and GPT) runs right after a step of the full
     model, and we keep the ratio of the two; the machine's load drifts less within a pair than
-    across a round. Reported: the median over rounds of each ratio."""
+    across a round. Each timed step comes right after `settle_steps` untimed ones of the same model (a
+    step that follows another model's runs slower; `mosaic bench --settle-steps`). Reported: the median
+    over rounds of each ratio."""
     settings = ThroughputSettings()
     models = {"all": build_model("mosaic", settings, length), "gpt": build_model("gpt", settings, length)}
     for name in variants:
@@ -183,6 +185,8 @@ def measure(length: int, dtype: str, rounds: int, variants: list[str]) -> dict:
 
     def timed(name: str) -> float:
         with patched(patches[name]):
+            for _ in range(settle_steps):
+                steps[name]()
             start = time.perf_counter()
             steps[name]()
             return time.perf_counter() - start
@@ -203,6 +207,7 @@ def measure(length: int, dtype: str, rounds: int, variants: list[str]) -> dict:
     return {
         "seq_len": length,
         "dtype": dtype,
+        "settle_steps": settle_steps,
         "median_seconds_per_step": {name: statistics.median(values) for name, values in seconds.items()},
         "slowdown_without": {name: median[name] for name in variants},
         "mosaic_over_gpt": median["gpt"],
@@ -210,7 +215,7 @@ def measure(length: int, dtype: str, rounds: int, variants: list[str]) -> dict:
     }
 
 
-def components(length: int, dtype: str, rounds: int) -> dict:
+def components(length: int, dtype: str, rounds: int, settle_steps: int = 1) -> dict:
     """Forward + backward of single pieces and layers (batch 8, C 256, 4 heads, P 896), interleaved,
     median over rounds, milliseconds: each optimised piece beside its predecessor, and each memory
     beside the transformer layer it stands for."""
@@ -266,12 +271,17 @@ def components(length: int, dtype: str, rounds: int) -> dict:
         "PersistentMemory": (PersistentMemory(channels, heads, 896, 1, 4), wide[..., :channels]),
     }
 
-    def timed(fn, source) -> float:
+    def run(fn, source) -> None:
         x = source.detach().requires_grad_()
-        start = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
             y = fn(x.bfloat16() if dtype == "bfloat16" and not isinstance(fn, torch.nn.Module) else x)
         y.backward(torch.ones_like(y))
+
+    def timed(fn, source) -> float:
+        for _ in range(settle_steps):  # what ran just before moves a piece's time as it does a step's
+            run(fn, source)
+        start = time.perf_counter()
+        run(fn, source)
         return 1e3 * (time.perf_counter() - start)
 
     times = {name: [] for name in pieces}
@@ -282,15 +292,14 @@ def components(length: int, dtype: str, rounds: int) -> dict:
             elapsed = timed(*pieces[name])
             if round_index:
                 times[name].append(elapsed)
-    return {"seq_len": length, "dtype": dtype, "median_ms": {k: statistics.median(v) for k, v in times.items()}}
+    median = {k: statistics.median(v) for k, v in times.items()}
+    return {"seq_len": length, "dtype": dtype, "settle_steps": settle_steps, "median_ms": median}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--lengths", default="256")
-    parser.add_argument("--dtypes", default="bfloat16,float32")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=0)
+    add_cell_options(parser, lengths="256", rounds=5)
+    add_settle_option(parser)
     parser.add_argument(
         "--variants",
         default=",".join(name for name in VARIANTS if name not in FALLBACK_ONLY),
@@ -304,36 +313,22 @@ def main() -> int:
     unknown = [name for name in variants if name not in VARIANTS]
     if unknown:
         parser.error(f"unknown --variants {unknown}; known: {list(VARIANTS)}")
-    try:
-        lengths = [int(v) for v in args.lengths.split(",")]
-    except ValueError:
-        parser.error(f"--lengths: expected comma-separated integers, got {args.lengths!r}")
-    dtypes = args.dtypes.split(",")
-    if min(lengths) < 2 or args.rounds < 1 or args.threads < 0 or not set(dtypes) <= {"bfloat16", "float32"}:
-        parser.error(
-            "--lengths must be at least 2, --rounds at least 1, --threads at least 0, --dtypes bfloat16/float32"
-        )
-    path = Path(args.json or RESULTS / ("components.json" if args.components else "ablation.json"))
-    try:
-        if args.json is None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        check_writable(path, "--json")
-    except (OSError, MosaicError) as err:
-        parser.error(str(err))
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    lengths, dtypes = cell_options(parser, args)
+    default = RESULTS / ("components.json" if args.components else "ablation.json")
+    path = writable(parser, args.json or default, make_folder=args.json is None)
     assert memory_layers.leaky_average is leaky_average_now  # the patch targets the name the layers use
     cells = []
     for length in lengths:
         for dtype in dtypes:
             if args.components:
-                cells.append(components(length, dtype, args.rounds))
+                cells.append(components(length, dtype, args.rounds, args.settle_steps))
                 print(json.dumps(cells[-1]))
                 continue
-            cell = measure(length, dtype, args.rounds, variants)
+            cell = measure(length, dtype, args.rounds, variants, args.settle_steps)
             cells.append(cell)
             print(json.dumps({k: cell[k] for k in ("seq_len", "dtype", "slowdown_without", "mosaic_over_gpt")}))
-    result = {"threads": torch.get_num_threads(), "rounds": args.rounds, "cells": cells}
+    result = {"threads": torch.get_num_threads(), "rounds": args.rounds, "settle_steps": args.settle_steps}
+    result["cells"] = cells
     path.write_text(json.dumps(result, indent=2) + "\n")
     return 0
 

@@ -2,7 +2,8 @@
 
 The earlier package is extracted with `git archive REV src/memory_mosaics` into a temporary folder
 and imported under another name, so both models train side by side (forward + backward + AdamW,
-the `mosaic bench` shape), in rotating rounds; median per model.
+the `mosaic bench` shape), in rotating rounds, each timed step after --settle-steps untimed ones of the
+same model; median per model.
 
     python benchmarks/before_after.py --rev 6daeb79 --lengths 256 --dtypes bfloat16,float32
 """
@@ -23,9 +24,8 @@ from pathlib import Path
 
 import torch
 
+from _arguments import add_cell_options, add_settle_option, cell_options, writable
 from memory_mosaics.bench.throughput import ThroughputSettings, build_model, training_step
-from memory_mosaics.commands._common import check_writable
-from memory_mosaics.errors import MosaicError
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -46,7 +46,7 @@ def import_revision(rev: str, folder: Path):
     return importlib.import_module("memory_mosaics_then")
 
 
-def measure(then, length: int, dtype: str, rounds: int, batch_size: int = 8) -> dict:
+def measure(then, length: int, dtype: str, rounds: int, batch_size: int = 8, settle_steps: int = 1) -> dict:
     settings = ThroughputSettings(batch_size=batch_size)
     torch.manual_seed(settings.seed)
     config = then.MemoryMosaicConfig(
@@ -69,6 +69,8 @@ def measure(then, length: int, dtype: str, rounds: int, batch_size: int = 8) -> 
     for round_index in range(rounds + 1):  # round 0 warms up
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
+            for _ in range(settle_steps):  # untimed, of the same model: a step after another model's runs slower
+                steps[name]()
             start = time.perf_counter()
             steps[name]()
             if round_index:
@@ -77,6 +79,7 @@ def measure(then, length: int, dtype: str, rounds: int, batch_size: int = 8) -> 
     return {
         "seq_len": length,
         "dtype": dtype,
+        "settle_steps": settle_steps,
         "seconds_per_step": median,
         "all_seconds": seconds,
         "speedup_now_over_then": median["mosaic_then"] / median["mosaic_now"],
@@ -88,27 +91,15 @@ def measure(then, length: int, dtype: str, rounds: int, batch_size: int = 8) -> 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rev", default="6daeb79")
-    parser.add_argument("--lengths", default="256")
-    parser.add_argument("--dtypes", default="bfloat16,float32")
-    parser.add_argument("--rounds", type=int, default=7)
+    add_cell_options(parser, lengths="256", rounds=7, threads=1)
+    add_settle_option(parser)
     parser.add_argument("--batch-size", type=int, default=8, help="1 with a short --lengths: the per-step fixed cost")
-    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", default=str(RESULTS / "before_after.json"))
     args = parser.parse_args()
-    try:  # before the minutes of measuring
-        lengths = [int(v) for v in args.lengths.split(",")]
-    except ValueError:
-        parser.error(f"--lengths: expected comma-separated integers, got {args.lengths!r}")
-    dtypes = args.dtypes.split(",")
-    if min(lengths) < 2 or min(args.rounds, args.batch_size, args.threads) < 1:
-        parser.error("--lengths must be at least 2, --rounds, --batch-size and --threads at least 1")
-    if not set(dtypes) <= {"bfloat16", "float32"}:
-        parser.error(f"--dtypes: bfloat16 and/or float32, got {args.dtypes!r}")
-    try:
-        check_writable(args.json, "--json")
-    except MosaicError as err:
-        parser.error(str(err))
-    torch.set_num_threads(args.threads)
+    lengths, dtypes = cell_options(parser, args)  # before the minutes of measuring
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
+    json_path = writable(parser, args.json)
     with tempfile.TemporaryDirectory() as folder:
         try:
             then = import_revision(args.rev, Path(folder))
@@ -117,16 +108,17 @@ def main() -> int:
         cells = []
         for length in lengths:
             for dtype in dtypes:
-                cells.append(measure(then, length, dtype, args.rounds, args.batch_size))
+                cells.append(measure(then, length, dtype, args.rounds, args.batch_size, args.settle_steps))
                 print(json.dumps({k: v for k, v in cells[-1].items() if k != "all_seconds"}), flush=True)
     result = {
         "rev": args.rev,
-        "threads": args.threads,
+        "threads": torch.get_num_threads(),
         "rounds": args.rounds,
         "batch_size": args.batch_size,
+        "settle_steps": args.settle_steps,
         "cells": cells,
     }
-    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    json_path.write_text(json.dumps(result, indent=2) + "\n")
     return 0
 
 

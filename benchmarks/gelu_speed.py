@@ -23,8 +23,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from memory_mosaics.commands._common import check_writable
-from memory_mosaics.errors import MosaicError
+from _arguments import add_cell_options, cell_options, integers, writable
 from memory_mosaics.ops import gelu_cpu
 
 
@@ -81,28 +80,15 @@ def measure(shape: tuple[int, ...], dtype: torch.dtype, rounds: int) -> dict[str
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="8,256,1024", help="the activation's shape (default 8,256,1024)")
-    parser.add_argument("--dtypes", default="bfloat16,float32")
-    parser.add_argument("--rounds", type=int, default=41)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    add_cell_options(parser, lengths=None, rounds=41)
     parser.add_argument("--json", default=None, help="also write the result as JSON here")
     args = parser.parse_args()
-    try:
-        shape = tuple(int(v) for v in args.shape.split(","))
-    except ValueError:
-        parser.error(f"--shape: expected comma-separated integers, got {args.shape!r}")
-    dtypes = args.dtypes.split(",")
-    if min(shape) < 1 or args.rounds < 1 or args.threads < 0 or not set(dtypes) <= {"bfloat16", "float32"}:
-        parser.error("--shape sizes and --rounds must be at least 1, --threads at least 0, --dtypes bfloat16/float32")
-    if args.json:
-        try:
-            check_writable(args.json, "--json")
-        except MosaicError as err:
-            parser.error(str(err))
+    shape = tuple(integers(parser, "--shape", args.shape, 1))
+    _, dtypes = cell_options(parser, args)
+    json_path = writable(parser, args.json)
     if not gelu_cpu.usable(torch.empty(0)):
         print("the compiled GELU is off or cannot be built or run here: nothing to compare", file=sys.stderr)
         return 1
-    if args.threads:
-        torch.set_num_threads(args.threads)
     result = {"shape": shape, "rounds": args.rounds, "threads": torch.get_num_threads(), "cells": []}
     for dtype in dtypes:
         medians = measure(shape, getattr(torch, dtype), args.rounds)
@@ -114,8 +100,8 @@ def main() -> int:
         for name, measured in medians.items():
             cells = ", ".join(f"{key} {value:.2f} ({ratios[name][key]:.2f}x exact)" for key, value in measured.items())
             print(f"{dtype:9} {name}: {cells}")
-    if args.json:
-        with open(args.json, "w") as handle:
+    if json_path:
+        with open(json_path, "w") as handle:
             json.dump(result, handle, indent=1)
     return 0
 

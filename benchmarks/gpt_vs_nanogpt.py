@@ -21,9 +21,8 @@ import time
 
 import torch
 
+from _arguments import add_cell_options, cell_options, writable
 from memory_mosaics.bench.throughput import ThroughputSettings, build_model, training_step
-from memory_mosaics.commands._common import check_writable
-from memory_mosaics.errors import MosaicError
 
 ORDER = ("gpt", "nanogpt", "nanogpt", "gpt")
 
@@ -55,28 +54,11 @@ def paired_rounds(length: int, dtype: str, rounds: int, settings: ThroughputSett
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--lengths", default="256,1024")
-    parser.add_argument("--dtypes", default="bfloat16,float32")
-    parser.add_argument("--rounds", type=int, default=40)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    add_cell_options(parser, lengths="256,1024", rounds=40)
     parser.add_argument("--json", default=None, help="also write the result as JSON here")
     args = parser.parse_args()
-    try:
-        lengths = [int(v) for v in args.lengths.split(",")]
-    except ValueError:
-        parser.error(f"--lengths: expected comma-separated integers, got {args.lengths!r}")
-    dtypes = args.dtypes.split(",")
-    if min(lengths) < 2 or args.rounds < 1 or args.threads < 0 or not set(dtypes) <= {"bfloat16", "float32"}:
-        parser.error(
-            "--lengths must be at least 2, --rounds at least 1, --threads at least 0, --dtypes bfloat16/float32"
-        )
-    if args.json:
-        try:
-            check_writable(args.json, "--json")
-        except MosaicError as err:
-            parser.error(str(err))
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    lengths, dtypes = cell_options(parser, args)
+    json_path = writable(parser, args.json)
     settings = ThroughputSettings()
     cells = []
     for length in lengths:
@@ -89,8 +71,8 @@ def main() -> int:
                 f"T={length} {dtype}: GPT/nanoGPT {ratio:.3f} (quartiles {low:.3f}-{high:.3f}),"
                 f" the GPT faster in {faster} of {args.rounds} rounds"
             )
-    if args.json:
-        with open(args.json, "w") as handle:
+    if json_path:
+        with open(json_path, "w") as handle:
             json.dump({"threads": torch.get_num_threads(), "order": ORDER, "cells": cells}, handle, indent=1)
     return 0
 
