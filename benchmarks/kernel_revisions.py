@@ -92,10 +92,13 @@ def takes_scale(module) -> bool:
 def read_calls(module, queries, keys, values, grad) -> dict:
     """name -> (seconds, results) for the forward and the backward pass; the results as the current
     kernel returns them (dk, dv as (H, P, d); earlier kernels returned their transposes)."""
-    rows = persistent_read_cpu.BLOCK_ROWS
+    rows = persistent_read_cpu.BLOCK_ROWS[torch.bfloat16]
     scale = [torch.ones(queries.shape[0])] if takes_scale(module) else []
-    forward_seconds, (out, lse, *_) = timed(lambda: module.forward(queries, keys, values, *scale, rows))
-    backward_seconds, grads = timed(lambda: module.backward(queries, keys, values, *scale, out, lse, grad, rows))
+    # Kernels since the float32 form take where to keep the float32 weights (here: nowhere, None), forward and
+    # backward.
+    kept = [None] if "arg5: torch.Tensor | None" in module.forward.__doc__ else []
+    forward_seconds, (out, lse, *_) = timed(lambda: module.forward(queries, keys, values, *scale, rows, *kept))
+    backward_seconds, grads = timed(lambda: module.backward(queries, keys, values, *scale, out, lse, grad, *kept, rows))
     grads = list(grads[:3]) if scale else [grads[0], grads[1].transpose(1, 2), grads[2].transpose(1, 2)]
     return {"forward": (forward_seconds, [out]), "backward": (backward_seconds, grads)}
 

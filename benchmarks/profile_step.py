@@ -41,7 +41,7 @@ LOSS = {"aten::_log_softmax", "aten::_log_softmax_backward_data"}
 
 
 def group(name: str, shapes: list, length: int) -> str:
-    if name.startswith("PersistentReadCPU"):  # the compiled kernel (bf16 on AMX CPUs), forward and backward
+    if name.startswith("PersistentReadCPU"):  # the compiled kernel (bf16 and float32 on AMX CPUs), fwd and bwd
         return "persistent read: compiled kernel"
     if name.startswith("ContextReadCPU"):  # the compiled kernel (bf16 and float32 on AMX CPUs)
         return "context read: compiled kernel"

@@ -4,8 +4,10 @@ On CPU there is no allocator counter to ask, so each (model, length, dtype) runs
 process, started with MALLOC_MMAP_THRESHOLD_=65536 so that glibc hands every freed block of 64 KiB or
 more straight back to the operating system and the resident set size (RSS) follows the live tensors.
 The process builds the model and its AdamW optimiser and runs one warm-up step (AdamW's state, the
-kernels' one-time set-up); then it resets the kernel's RSS high-water mark (/proc/self/clear_refs),
-reads the RSS, runs one more step and reads the high-water mark (VmHWM). `step_peak_bytes` = VmHWM -
+kernels' one-time set-up) and lets go of the buffers an operator keeps from step to step (the float32
+persistent read's kept weights: the measured step allocates them again); then it resets the kernel's RSS
+high-water mark (/proc/self/clear_refs), reads the RSS, runs one more step and reads the high-water mark
+(VmHWM). `step_peak_bytes` = VmHWM -
 RSS before the step: gradients, activations saved for backward and temporaries — what grows with the
 sequence. `peak_bytes` is the process's VmHWM over that step (Python, torch, weights included).
 On CUDA the same steps run in-process and `torch.cuda.max_memory_allocated` gives the peak.
@@ -62,6 +64,7 @@ class LargestTensor(TorchDispatchMode):
 def measure_here(settings, name: str, length: int, dtype: str, largest: bool = False) -> dict:
     """Build the model and run two steps in this process; returns the memory figures."""
     from memory_mosaics.bench.throughput import build_model, training_step
+    from memory_mosaics.ops import persistent_read_cpu
 
     if settings.threads:
         torch.set_num_threads(settings.threads)
@@ -69,6 +72,10 @@ def measure_here(settings, name: str, length: int, dtype: str, largest: bool = F
     model = build_model(name, settings, length)
     step = training_step(model, settings, length, dtype)
     step()  # warm-up: optimiser state, one-time kernel set-up
+    # Buffers that the step's own operators keep from step to step (the float32 persistent read's softmax
+    # weights, reused rather than faulted in again) are the step's memory: let them go, so that the measured
+    # step allocates them again and its peak counts them.
+    persistent_read_cpu.KEPT_WEIGHTS.clear()
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

@@ -14,7 +14,7 @@ A `ContextMemory` stores the pairs of the current sequence and queries them with
 On CPUs (float32, bf16) the fast path computes each feature in one compiled pass (`ops/features_cpu.py`);
 elsewhere, or if it cannot be built, it chains the leaky average, the mix and `scaled_normalize`. On CPUs
 with AMX the reads are compiled kernels too (the context read in float32 and bf16, `ops/context_read_cpu.py`;
-the persistent read in bf16, `ops/persistent_read_cpu.py`); elsewhere, and with dropout on the retrieval
+the persistent read too, `ops/persistent_read_cpu.py`); elsewhere, and with dropout on the retrieval
 weights, they go through `scaled_dot_product_attention`.
 
 Parametrisations, initialisations and clamps follow the authors' code (reference spec §1–§3):

@@ -162,12 +162,12 @@ def persistent_retrieval(
     path; docs/performance.md): 126 vs 138 ms (bf16) and 162 vs 230 ms (fp32) forward + backward at
     B = 8, T = 256, H = 4, P = 896. Dropout on the weights is the kernel's own `dropout_p`.
 
-    In bf16 on CPUs with AMX (and without dropout) each table is read by the compiled kernel of
+    In bf16 or float32 on CPUs with AMX (and without dropout) each table is read by the compiled kernel of
     `persistent_read_cpu` instead, on the same folded queries: faster still, above all in the backward
-    pass (docs/performance.md).
+    pass (in float32 because it keeps the softmax weights for it, within a budget; docs/performance.md).
 
     `value_scale` (H,), if given, multiplies each head's values (the persistent memory's output scale): the
-    compiled kernel applies it to its read as it rounds it to bf16 (free, where scaling the tables costs
+    compiled kernel applies it to its read as it writes it (free, where scaling the tables costs
     a pass over them forward and two backward), the fused path to the tables.
     """
     batch, heads, length, dim = queries.shape
@@ -188,7 +188,7 @@ def persistent_retrieval(
         else [(keys.squeeze(0), values.squeeze(0))]
     )
     for table_keys, table_values in tables:
-        if compiled:  # bf16 on CPUs with AMX: the compiled kernel (persistent_read_cpu.py)
+        if compiled:  # bf16 or float32 on CPUs with AMX: the compiled kernel (persistent_read_cpu.py)
             # squeeze, not [0]: an index's backward pass fills a zero tensor and copies the gradient into it
             read = persistent_read_cpu.persistent_read_cpu(folded.squeeze(0), table_keys, table_values, value_scale)
             read = read.unsqueeze(0)

@@ -1,11 +1,11 @@
 // What the two retrieval kernels (persistent_read_cpu.cpp, context_read_cpu.cpp) share: bf16 conversions
 // in AVX-512 registers, packing of the micro-kernel's right factors, the micro-kernel call itself, row
-// reductions, register transposes, and per-thread scratch buffers.
+// reductions, register transposes, per-thread scratch buffers, and the two precisions.
 //
 // Both kernels compute softmax(q k^T) v in blocks of query rows with scores in float32 and products in
-// oneDNN's bf16 brgemm micro-kernel (AMX). The Python loaders build them only where the CPU has
-// AVX512-BF16 and the micro-kernel packs bf16 (memory_mosaics/ops/cpu_extensions.py, which also rebuilds a
-// kernel when this header changes).
+// oneDNN's brgemm micro-kernels (bf16 operands on AMX, or float32). The Python loaders build them only
+// where the CPU has AVX512-BF16 and the micro-kernel packs bf16 (memory_mosaics/ops/cpu_extensions.py,
+// which also rebuilds a kernel when this header changes).
 #pragma once
 
 #include <torch/extension.h>
@@ -211,6 +211,65 @@ void backward_block_rows(int64_t rows, int64_t d, int64_t R, const T* grad, cons
     for (int64_t e = 0; e < d; ++e) grad_t[e * R + rows] = q_t[e * R + rows] = T(0.f);
   }
 }
+
+// The two precisions. bf16: products on bf16 operands, right factors VNNI-packed (amx_bf16.h), weights
+// and their gradients rounded to bf16 before the products that use them, the exponential of degree 3
+// (fexp_u20: relative error 1.1e-4, below bf16's rounding step). float32: products in float32 on right
+// factors as they are (row-major, the float32 micro-kernel takes them so), the exponential of degree 5
+// (exp_u20, as PyTorch's fused attention uses), nothing rounded.
+template <typename scalar_t>
+struct Precision;
+
+template <>
+struct Precision<BFloat16> {
+  static constexpr bool vnni = true;
+  static Vec exp(const Vec& x) { return x.fexp_u20(); }
+  static void store(const Vec& a, const Vec& b, BFloat16* out) { to_bf16(a, b, out); }
+  // `rows` rows of d numbers as the right factor of their transpose, (d x columns), columns past `rows` zero
+  static void transposed(const BFloat16* in, int64_t rows, int64_t columns, int64_t d, BFloat16* out) {
+    pack_rows_transposed(in, rows, columns, d, out);
+  }
+  // the same rows as a (padded x d) right factor, rows past `rows` zero
+  static void rows(const BFloat16* in, int64_t rows, int64_t padded, int64_t d, BFloat16* out) {
+    pack_rows(in, rows, padded, d, out);
+  }
+};
+
+template <>
+struct Precision<float> {
+  static constexpr bool vnni = false;
+  static Vec exp(const Vec& x) { return x.exp_u20(); }
+  static void store(const Vec& a, const Vec& b, float* out) {
+    a.store(out);
+    b.store(out + Vec::size());
+  }
+  static void transposed(const float* in, int64_t rows, int64_t columns, int64_t d, float* out) {
+    for (int64_t j0 = 0; j0 < columns; j0 += 16) {
+      for (int64_t e0 = 0; e0 < d; e0 += 16) {
+        if (j0 + 16 <= rows) {
+          transpose16(in + j0 * d + e0, d, out + e0 * columns + j0, columns);
+          continue;
+        }
+        for (int64_t e = e0; e < e0 + 16; ++e) {
+          for (int64_t j = j0; j < j0 + 16; ++j) out[e * columns + j] = j < rows ? in[j * d + e] : 0.f;
+        }
+      }
+    }
+  }
+  static void rows(const float* in, int64_t rows, int64_t padded, int64_t d, float* out) {
+    std::copy(in, in + rows * d, out);
+    std::fill(out + rows * d, out + padded * d, 0.f);
+  }
+};
+
+// Where column c of a right factor starts (a VNNI-packed one holds two numbers per column and pair of rows).
+template <typename scalar_t>
+int64_t column(int64_t c) {
+  return Precision<scalar_t>::vnni ? 2 * c : c;
+}
+
+// Scratch slots of the operand type start here, so that float32 operands do not share the float32 buffers.
+constexpr int OPERANDS = 8;
 
 inline bool supported() { return cpublas::could_pack(at::kBFloat16); }
 

@@ -65,65 +65,6 @@ void check_features(const torch::Tensor& keys, const torch::Tensor& values, int6
 // Query i of a block reads columns j <= i: the number of admissible columns of row r of a block at row i0.
 int64_t admissible(int64_t i0, int64_t r) { return i0 + r + 1; }
 
-// The two precisions. bf16: products on bf16 operands, right factors VNNI-packed (amx_bf16.h), weights
-// and their gradients rounded to bf16 before the products that use them, the exponential of degree 3
-// (fexp_u20: relative error 1.1e-4, below bf16's rounding step). float32: products in float32 on right
-// factors as they are (row-major, the float32 micro-kernel takes them so), the exponential of degree 5
-// (exp_u20, as PyTorch's fused attention uses), nothing rounded.
-template <typename scalar_t>
-struct Precision;
-
-template <>
-struct Precision<BFloat16> {
-  static constexpr bool vnni = true;
-  static Vec exp(const Vec& x) { return x.fexp_u20(); }
-  static void store(const Vec& a, const Vec& b, BFloat16* out) { to_bf16(a, b, out); }
-  // `rows` rows of d numbers as the right factor of their transpose, (d x columns), columns past `rows` zero
-  static void transposed(const BFloat16* in, int64_t rows, int64_t columns, int64_t d, BFloat16* out) {
-    pack_rows_transposed(in, rows, columns, d, out);
-  }
-  // the same rows as a (padded x d) right factor, rows past `rows` zero
-  static void rows(const BFloat16* in, int64_t rows, int64_t padded, int64_t d, BFloat16* out) {
-    pack_rows(in, rows, padded, d, out);
-  }
-};
-
-template <>
-struct Precision<float> {
-  static constexpr bool vnni = false;
-  static Vec exp(const Vec& x) { return x.exp_u20(); }
-  static void store(const Vec& a, const Vec& b, float* out) {
-    a.store(out);
-    b.store(out + Vec::size());
-  }
-  static void transposed(const float* in, int64_t rows, int64_t columns, int64_t d, float* out) {
-    for (int64_t j0 = 0; j0 < columns; j0 += 16) {
-      for (int64_t e0 = 0; e0 < d; e0 += 16) {
-        if (j0 + 16 <= rows) {
-          transpose16(in + j0 * d + e0, d, out + e0 * columns + j0, columns);
-          continue;
-        }
-        for (int64_t e = e0; e < e0 + 16; ++e) {
-          for (int64_t j = j0; j < j0 + 16; ++j) out[e * columns + j] = j < rows ? in[j * d + e] : 0.f;
-        }
-      }
-    }
-  }
-  static void rows(const float* in, int64_t rows, int64_t padded, int64_t d, float* out) {
-    std::copy(in, in + rows * d, out);
-    std::fill(out + rows * d, out + padded * d, 0.f);
-  }
-};
-
-// Where column c of a right factor starts (a VNNI-packed one holds two numbers per column and pair of rows).
-template <typename scalar_t>
-int64_t column(int64_t c) {
-  return Precision<scalar_t>::vnni ? 2 * c : c;
-}
-
-// Scratch slots of the operand type start here, so that float32 operands do not share the float32 buffers.
-constexpr int OPERANDS = 8;
-
 template <typename scalar_t>
 void forward_sequences(const torch::Tensor& keys, const torch::Tensor& values, int64_t shift, int64_t block_rows,
                        torch::Tensor& out, torch::Tensor& lse) {
