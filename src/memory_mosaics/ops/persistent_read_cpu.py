@@ -35,11 +35,11 @@ logger = logging.getLogger(__name__)
 BLOCK_ROWS = {torch.bfloat16: 128, torch.float32: 64}
 # In float32 the forward pass keeps the softmax weights for the backward pass, which then skips recomputing
 # them (one of its five products and the exponential), when they number at most this many (H x N x P; 128
-# MiB; in buffers reused from step to step, `KeptWeights`). One layer's read at B x T = 2,048 (29 MiB kept),
+# MiB; in buffers reused from step to step, `KeptWeights`). One layer's read at B x T = 2,048 (28 MiB kept),
 # 15 interleaved rounds: forward + backward 77.8 ms against 85.1 recomputing; the benchmark's whole step
 # against the fused attention read: 2.6 % faster at T = 256, 3.3 % at T = 1,024 (docs/performance.md, ninth
-# round), for 112 and 448 MiB of kept weights (4 layers). Above it (T = 4,096 at batch 8) only the rows' log-sum-exp is
-# kept and memory stays O(N). 0 turns keeping off.
+# round), for 112 and 448 MiB of kept weights (4 layers). Above it (T = 4,096 at batch 8) only the rows'
+# log-sum-exp is kept and memory stays O(N). 0 turns keeping off.
 KEEP_WEIGHTS_BUDGET = 2**25
 SIZE_MULTIPLE = 64  # d and P must be multiples of this (the kernel's check)
 # AVX-512 code, and ATen's vector types in their AVX-512 form (without the CPU_CAPABILITY macros they
