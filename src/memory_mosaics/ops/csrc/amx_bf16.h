@@ -212,7 +212,7 @@ void backward_block_rows(int64_t rows, int64_t d, int64_t R, const T* grad, cons
   }
 }
 
-// The two precisions. bf16: products on bf16 operands, right factors VNNI-packed (amx_bf16.h), weights
+// The two precisions. bf16: products on bf16 operands, right factors VNNI-packed (above), weights
 // and their gradients rounded to bf16 before the products that use them, the exponential of degree 3
 // (fexp_u20: relative error 1.1e-4, below bf16's rounding step). float32: products in float32 on right
 // factors as they are (row-major, the float32 micro-kernel takes them so), the exponential of degree 5
