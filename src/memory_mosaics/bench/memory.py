@@ -7,10 +7,9 @@ The process builds the model and its AdamW optimiser and runs one warm-up step (
 kernels' one-time set-up) and lets go of the buffers an operator keeps from step to step (the float32
 persistent read's kept weights: the measured step allocates them again); then it resets the kernel's RSS
 high-water mark (/proc/self/clear_refs), reads the RSS, runs one more step and reads the high-water mark
-(VmHWM). `step_peak_bytes` = VmHWM -
-RSS before the step: gradients, activations saved for backward and temporaries — what grows with the
-sequence. `peak_bytes` is the process's VmHWM over that step (Python, torch, weights included).
-On CUDA the same steps run in-process and `torch.cuda.max_memory_allocated` gives the peak.
+(VmHWM). `step_peak_bytes` = VmHWM - RSS before the step: gradients, activations saved for backward and
+temporaries — what grows with the sequence. `peak_bytes` is the process's VmHWM over that step (Python,
+torch, weights included). On CUDA the same steps run in-process and `torch.cuda.max_memory_allocated` gives the peak.
 
 Optionally (`largest=True`) a dispatch mode records the largest tensor any operator returned during
 the measured step: the proof that a long-context step builds no T x T tensor (kernels' private

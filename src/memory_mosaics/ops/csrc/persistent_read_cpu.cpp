@@ -120,7 +120,9 @@ void forward_heads(const torch::Tensor& q, const torch::Tensor& k, const torch::
   at::parallel_for(0, H, 1, [&](int64_t begin, int64_t end) {
     const int64_t R = block_rows;
     Scratch<float> scores(0, R * P), read(1, R * d);
-    Scratch<scalar_t> weights(OPERANDS, R * P), keys_t(OPERANDS + 1, d * P), values_rows(OPERANDS + 2, P * d);
+    // (Packed tables in bf16 only: float32 products read the tables' rows where they are.)
+    const int64_t packed_table = Prec::vnni ? P * d : 0;
+    Scratch<scalar_t> weights(OPERANDS, R * P), keys_t(OPERANDS + 1, d * P), values_rows(OPERANDS + 2, packed_table);
     for (int64_t h = begin; h < end; ++h) {
       table_transposed(k, h, keys_t.data());
       const scalar_t* values_right = table_rows(v, h, values_rows.data());
@@ -210,10 +212,13 @@ void backward_heads(const torch::Tensor& q, const torch::Tensor& k, const torch:
     Scratch<float> keys_sum(4, d * P), values_sum(5, d * P);  // dK^T and dV^T (of the unscaled values)
     // dS row-major (the dQ product's left factor), and W and dS as the dV and dK products' right factors
     // (in float32 dS row-major serves as both).
+    // (Packed buffers in bf16 only: float32 products take row-major factors and the tables' rows as they are.)
+    const int64_t packed_block = Prec::vnni ? R * P : 0, packed_table = Prec::vnni ? P * d : 0;
     Scratch<scalar_t> grad_scores_rows(OPERANDS, R * P), weights_right(OPERANDS + 1, R * P);
-    Scratch<scalar_t> grad_scores_packed(OPERANDS + 2, R * P);
+    Scratch<scalar_t> grad_scores_packed(OPERANDS + 2, packed_block);
     Scratch<scalar_t> grad_t(OPERANDS + 3, d * R), q_t(OPERANDS + 4, d * R);  // dO and q transposed, by block
-    Scratch<scalar_t> keys_t(OPERANDS + 5, d * P), values_t(OPERANDS + 6, d * P), keys_rows(OPERANDS + 7, P * d);
+    Scratch<scalar_t> keys_t(OPERANDS + 5, d * P), values_t(OPERANDS + 6, d * P);
+    Scratch<scalar_t> keys_rows(OPERANDS + 7, packed_table);
     const scalar_t* grad_scores_right = Prec::vnni ? grad_scores_packed.data() : grad_scores_rows.data();
     float *dktp = keys_sum.data(), *dvtp = values_sum.data();
     for (int64_t h = begin; h < end; ++h) {
